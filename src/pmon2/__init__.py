@@ -1,0 +1,3 @@
+"""pmon2: a process manager for Linux servers."""
+
+__version__ = "0.1.0"

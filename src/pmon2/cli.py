@@ -1,0 +1,399 @@
+"""pmon2's command line: argparse, one function per command, a thin client of pmond's API.
+
+Standard library only on the everyday paths; nothing here knows pmond's internals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from pmon2 import __version__
+from pmon2.errors import PmonError
+
+EXAMPLES = {
+    "run": "pmon2 run ./bin/api --name api -- --port 8080\n"
+           "  pmon2 run ./bin/gin --args \"-prjHome=/srv\" --user www",
+    "ls": "pmon2 ls\n  pmon2 ls --json | jq '.[].status'",
+    "desc": "pmon2 desc api",
+    "start": "pmon2 start api",
+    "stop": "pmon2 stop api\n  pmon2 stop -f 3",
+    "restart": "pmon2 restart api",
+    "reload": "pmon2 reload api --sig HUP",
+    "del": "pmon2 del api",
+    "log": "pmon2 log api -n 50",
+    "logf": "pmon2 logf api",
+    "version": "pmon2 version",
+    "daemon": "pmon2 daemon status --json",
+}
+
+# Flags of `run`: name -> (destination, takes a value). Long ones are recognised anywhere on the
+# line; short ones only before the command, so a service's own `-n 5` is left alone.
+RUN_FLAGS: dict[str, tuple[str, bool]] = {
+    "--name": ("name", True), "--args": ("args", True), "--user": ("user", True),
+    "--log": ("log", True), "--log_dir": ("log_dir", True), "--log-dir": ("log_dir", True),
+    "--no-autorestart": ("no_autorestart", False), "--min-uptime": ("min_uptime", True),
+    "--kill-timeout": ("kill_timeout", True), "--stop-signal": ("stop_signal", True),
+    "--json": ("json", False),
+}
+RUN_SHORT = {"-n": "--name", "-a": "--args", "-u": "--user", "-l": "--log", "-d": "--log_dir"}
+
+
+class UsageError(PmonError):
+    code = "usage"
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def split_run_args(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """Separate pmon2's flags from the service's argv; everything after `--` is the service's."""
+    import shlex
+
+    opts: dict[str, Any] = {}
+    argv: list[str] = []
+    i = 0
+    while i < len(tokens):
+        tok = tokens[i]
+        i += 1
+        if tok == "--":
+            argv.extend(tokens[i:])
+            break
+        if not argv and tok in RUN_SHORT:
+            tok = RUN_SHORT[tok]
+        flag, eq, inline = tok.partition("=")
+        if flag in RUN_FLAGS and (tok.startswith("--") or not argv):
+            dest, takes_value = RUN_FLAGS[flag]
+            if not takes_value:
+                if eq:
+                    raise UsageError(f"{flag} takes no value")
+                opts[dest] = True
+                continue
+            if eq:
+                value = inline
+            elif i < len(tokens):
+                value = tokens[i]
+                i += 1
+            else:
+                raise UsageError(f"{flag} needs a value")
+            if dest == "args":
+                if not argv:
+                    raise UsageError("--args comes after the command: pmon2 run ./bin/app --args \"...\"")
+                try:
+                    argv.extend(shlex.split(value))
+                except ValueError as exc:
+                    raise UsageError(f"--args: {exc}") from None
+            else:
+                opts[dest] = value
+            continue
+        if not argv and tok.startswith("-") and tok not in ("-",):
+            raise UsageError(f"unknown option {tok!r} before the command; put the service's own "
+                             "flags after it, or after --")
+        argv.append(tok)
+    return opts, argv
+
+
+def _client() -> Any:
+    from pmon2 import paths
+    from pmon2.client import Client
+
+    return Client(paths.resolve())
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _color() -> bool:
+    from pmon2.render.text import use_color
+
+    return use_color(sys.stdout)
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+
+
+# commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    opts, argv = split_run_args(args.rest)
+    if not argv:
+        raise UsageError("a command is needed: pmon2 run ./bin/app [args...] [--name NAME]")
+    body: dict[str, Any] = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
+                            "autorestart": not opts.get("no_autorestart", False)}
+    for key in ("name", "user", "log", "log_dir", "min_uptime", "kill_timeout", "stop_signal"):
+        if key in opts:
+            body[key] = opts[key]
+    svc = _client().request("POST", "/v1/services", body)
+    if opts.get("json"):
+        _print_json(svc)
+    else:
+        _say(f"started {svc['name']} (id {svc['id']}, pid {svc['pid']})")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    services = _client().request("GET", "/v1/services")
+    if args.json:
+        _print_json(services)
+        return 0
+    if not services:
+        _say("no services yet: start one with  pmon2 run ./bin/app --name app")
+        return 0
+    from pmon2.render.table import render_services
+    from pmon2.render.text import terminal_width
+
+    _say(render_services(services, _color(), terminal_width(sys.stdout)))
+    return 0
+
+
+def cmd_desc(args: argparse.Namespace) -> int:
+    client = _client()
+    svc = client.request("GET", client.service_path(args.service))
+    if args.json:
+        _print_json(svc)
+        return 0
+    from pmon2.render.detail import render_detail
+
+    _say(render_detail(svc, _color()))
+    return 0
+
+
+def _action(action: str, body: dict[str, Any] | None = None) -> Callable[[argparse.Namespace], dict[str, Any]]:
+    def call(args: argparse.Namespace) -> dict[str, Any]:
+        client = _client()
+        return client.request("POST", client.service_path(args.service, action), body or {})
+    return call
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    svc = _action("start")(args)
+    _say(f"{svc['name']} running (pid {svc['pid']})")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    client = _client()
+    svc = client.request("POST", client.service_path(args.service, "stop"), {"force": args.force})
+    _say(f"{svc['name']} stopped")
+    return 0
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    svc = _action("restart")(args)
+    _say(f"{svc['name']} restarted (pid {svc['pid']})")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    client = _client()
+    svc = client.request("POST", client.service_path(args.service, "reload"), {"signal": args.sig})
+    _say(f"sent {svc['signal']} to {svc['name']} (pid {svc['pid']})")
+    return 0
+
+
+def cmd_del(args: argparse.Namespace) -> int:
+    client = _client()
+    svc = client.request("DELETE", client.service_path(args.service))
+    _say(f"deleted {svc['name']} (id {svc['id']})")
+    return 0
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from pmon2.render import logs
+
+    client = _client()
+    svc = client.request("GET", client.service_path(args.service))
+    if args.lines < 0:
+        raise UsageError("-n must be 0 or more")
+    sys.stdout.write(logs.tail_service(svc, args.lines, _color()))
+    return 0
+
+
+def cmd_logf(args: argparse.Namespace) -> int:
+    from pmon2.render import logs
+
+    client = _client()
+    svc = client.request("GET", client.service_path(args.service))
+    try:
+        logs.follow([svc], args.lines, _color(), sys.stdout)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    from pmon2.client import DaemonUnreachable
+
+    daemon = None
+    try:
+        daemon = _client().request("GET", "/v1/version", autostart=False, timeout=5.0)
+    except DaemonUnreachable:
+        pass
+    if args.json:
+        _print_json({"version": __version__, "daemon": daemon})
+        return 0
+    _say(f"pmon2 {__version__}")
+    _say(f"pmond {daemon['version']} (pid {daemon['pid']})" if daemon else "pmond not running")
+    return 0
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    from pmon2.client import DaemonUnreachable
+
+    client = _client()
+    if args.action == "start":
+        already = client.is_running()
+        info = client.request("GET", "/v1/daemon")
+        if args.json:
+            _print_json(info)
+        else:
+            _say(f"pmond {'was already' if already else 'is'} running: pid {info['pid']}, socket {info['socket']}")
+        return 0
+    if args.action == "stop":
+        try:
+            resp = client.request("POST", "/v1/daemon/shutdown", autostart=False, timeout=10.0)
+        except DaemonUnreachable:
+            _say("pmond is not running")
+            return 0
+        _wait_gone(resp["pid"], 10.0)
+        _say(f"pmond stopped (pid {resp['pid']}); services keep running")
+        return 0
+    try:
+        info = client.request("GET", "/v1/daemon", autostart=False, timeout=5.0)
+    except DaemonUnreachable as exc:
+        if args.json:
+            _print_json({"running": False, "socket": str(client.paths.socket), "version": __version__,
+                         "pid": None})
+        else:
+            _say("pmond is not running" if exc.message == "pmond is not running" else f"pmond is not running: {exc.message}")
+        return 3
+    info["running"] = True
+    if args.json:
+        _print_json(info)
+    else:
+        for key in ("pid", "version", "socket", "uptime_s", "services", "data_dir", "log_dir", "mode",
+                    "exit_status_source"):
+            _say(f"{key:<20} {info.get(key)}")
+    return 0
+
+
+def _wait_gone(pid: int, timeout: float) -> None:
+    import select
+
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        select.select([fd], [], [], timeout)
+    finally:
+        os.close(fd)
+
+
+# parser
+
+
+def _asks_help(tokens: list[str]) -> bool:
+    """-h/--help before the command asks for run's help; after it, it is the service's flag."""
+    for tok in tokens:
+        if tok in ("-h", "--help"):
+            return True
+        if tok == "--" or not tok.startswith("-"):
+            return False
+    return not tokens
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="pmon2", description="pmon2: keep services alive on a Linux server.",
+                    epilog="Every command that needs pmond starts it when it is not running.")
+    parser.add_argument("-v", "--version", action="version", version=f"pmon2 {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], help_text: str,
+                aliases: tuple[str, ...] = ()) -> Parser:
+        p = sub.add_parser(name, aliases=list(aliases), help=help_text, description=help_text,
+                           epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("run", cmd_run, "start a new service", ("exec",))
+    p.usage = "pmon2 run [options] COMMAND [ARG...] [options] [-- SERVICE-ARGS...]"
+    group = p.add_argument_group("options (long ones also after the command)")
+    group.add_argument("-n", "--name", help="service name (default: the command's basename)")
+    group.add_argument("-a", "--args", help="arguments for the service, split with shell rules")
+    group.add_argument("-u", "--user", help="run as this user (pmond must be root)")
+    group.add_argument("-l", "--log", help="one file for both stdout and stderr")
+    group.add_argument("-d", "--log_dir", "--log-dir", help="directory for NAME-out.log and NAME-err.log")
+    group.add_argument("--no-autorestart", action="store_true", help="do not start it again when it exits")
+    group.add_argument("--min-uptime", metavar="SECONDS",
+                       help="a run shorter than this counts as a crash for backoff (default 1)")
+    group.add_argument("--kill-timeout", metavar="SECONDS", help="grace time before SIGKILL on stop (default 5)")
+    group.add_argument("--stop-signal", metavar="SIG", help="signal sent by stop (default TERM)")
+    group.add_argument("--json", action="store_true", help="print the new service as JSON")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+    p = command("ls", cmd_ls, "list services", ("list",))
+    p.add_argument("--json", action="store_true", help="print a JSON array")
+    p = command("desc", cmd_desc, "show one service in detail", ("show",))
+    p.add_argument("service", help="id or name")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    for name, func, text in (("start", cmd_start, "start a stopped service"),
+                             ("restart", cmd_restart, "stop a service, wait until it is gone, start it again")):
+        p = command(name, func, text)
+        p.add_argument("service", help="id or name")
+    p = command("stop", cmd_stop, "stop a service (SIGTERM to its group, SIGKILL after the kill timeout)")
+    p.add_argument("service", help="id or name")
+    p.add_argument("-f", "--force", action="store_true", help="SIGKILL at once")
+    p = command("reload", cmd_reload, "send a signal (default USR2) to a service without restarting it")
+    p.add_argument("service", help="id or name")
+    p.add_argument("--sig", "-s", default="USR2", help="signal: HUP, USR1, USR2 or any name or number")
+    p = command("del", cmd_del, "stop and forget a service", ("delete",))
+    p.add_argument("service", help="id or name")
+    p = command("log", cmd_log, "print the last lines of a service's stdout and stderr")
+    p.add_argument("service", help="id or name")
+    p.add_argument("-n", "--lines", type=int, default=20, help="lines of each stream (default 20)")
+    p = command("logf", cmd_logf, "follow a service's logs, like tail -f")
+    p.add_argument("service", help="id or name")
+    p.add_argument("-n", "--lines", type=int, default=10, help="lines to show first (default 10)")
+    p = command("version", cmd_version, "print the versions of pmon2 and the running pmond")
+    p.add_argument("--json", action="store_true")
+    p = command("daemon", cmd_daemon, "start, stop or inspect pmond (stopping it never stops a service)")
+    p.add_argument("action", choices=("start", "stop", "status"))
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if argv and argv[0] in ("run", "exec") and not _asks_help(argv[1:]):
+        # argparse cannot interleave our flags with the service's; split_run_args does it.
+        args = argparse.Namespace(command="run", func=cmd_run, rest=argv[1:])
+    else:
+        args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args)
+    except PmonError as exc:
+        sys.stderr.write(f"pmon2: {exc.message}\n")
+        return 2 if isinstance(exc, UsageError) else 1
+    except BrokenPipeError:
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The CLI's side of the API: HTTP/1.1 over pmond's Unix socket, and starting pmond when it is down.
+
+Standard library only, and not http.client (50 ms of imports here): the server is ours, answers with
+Content-Length and closes the connection, so reading the response is a few lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from pmon2.errors import DaemonUnreachable, PmonError
+from pmon2.paths import Paths, socket_address
+
+START_TIMEOUT = 15.0
+
+
+class ApiError(PmonError):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message, code)
+        self.status = status
+
+
+class Client:
+    def __init__(self, paths: Paths) -> None:
+        self.paths = paths
+
+    def _connect(self, timeout: float | None) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        address, dirfd = socket_address(self.paths.socket)
+        try:
+            sock.connect(address)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            if dirfd is not None:
+                os.close(dirfd)
+        return sock
+
+    def request(self, method: str, path: str, body: Any = None, *, autostart: bool = True,
+                timeout: float | None = 300.0) -> Any:
+        payload = b"" if body is None else json.dumps(body).encode()
+        head = (f"{method} {path} HTTP/1.1\r\nHost: pmon2\r\nConnection: close\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
+        try:
+            sock = self._connect(timeout)
+        except (FileNotFoundError, ConnectionRefusedError):
+            if not autostart:
+                raise DaemonUnreachable("pmond is not running") from None
+            self.start_daemon()
+            sock = self._connect(timeout)
+        except PermissionError:
+            raise DaemonUnreachable(f"permission denied on {self.paths.socket}: run as root or join the "
+                                    "pmon2 group") from None
+        except OSError as exc:
+            raise DaemonUnreachable(f"cannot reach pmond at {self.paths.socket}: {exc.strerror}") from None
+        with sock:
+            try:
+                sock.sendall(head + payload)
+                chunks = []
+                while chunk := sock.recv(65536):
+                    chunks.append(chunk)
+            except TimeoutError:
+                raise DaemonUnreachable(f"pmond did not answer within {timeout:g} s") from None
+            except OSError as exc:
+                raise DaemonUnreachable(f"lost the connection to pmond: {exc.strerror}") from None
+        status, data = parse_response(b"".join(chunks))
+        if status >= 400:
+            err = data.get("error", {}) if isinstance(data, dict) else {}
+            raise ApiError(status, err.get("code", "error"), err.get("message", f"pmond answered {status}"))
+        return data
+
+    def service_path(self, ref: str, action: str = "") -> str:
+        return f"/v1/services/{quote(str(ref), safe='')}" + (f"/{action}" if action else "")
+
+    def is_running(self) -> bool:
+        try:
+            self._connect(2.0).close()
+            return True
+        except OSError:
+            return False
+
+    def daemon_command(self) -> list[str]:
+        return [sys.executable, "-m", "pmon2.daemon"]
+
+    def start_daemon(self) -> None:
+        """Start pmond in its own session and wait until it answers on its socket."""
+        import subprocess
+
+        run_dir = self.paths.run_dir
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True, mode=0o700 if self.paths.mode != "root" else 0o755)
+        except OSError as exc:
+            raise DaemonUnreachable(f"cannot create {run_dir}: {exc.strerror}") from None
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        with open(self.paths.start_log, "wb") as start_log:
+            proc = subprocess.Popen(self.daemon_command(), stdin=subprocess.DEVNULL, stdout=start_log,
+                                    stderr=start_log, start_new_session=True, cwd="/", env=env)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.is_running():
+                return
+            code = proc.poll()
+            if code is not None and code != 3:  # 3: another pmond won the race; wait for it
+                raise DaemonUnreachable(f"pmond failed to start: {self.start_failure()}")
+            time.sleep(0.01)
+        raise DaemonUnreachable(f"pmond did not start within {START_TIMEOUT:g} s; see {self.paths.start_log}")
+
+    def start_failure(self) -> str:
+        try:
+            lines = self.paths.start_log.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            lines = []
+        if not lines:
+            return f"no output (see {self.paths.start_log})"
+        last = lines[-1]
+        return last.removeprefix("pmond: ")
+
+
+def parse_response(raw: bytes) -> tuple[int, Any]:
+    head, sep, body = raw.partition(b"\r\n\r\n")
+    if not sep:
+        raise DaemonUnreachable("pmond closed the connection without an answer")
+    lines = head.decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split()[1])
+    except (IndexError, ValueError):
+        raise DaemonUnreachable(f"pmond sent a malformed status line: {lines[0][:80]!r}") from None
+    length = None
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value.strip())
+    if length is not None:
+        body = body[:length]
+    try:
+        return status, json.loads(body) if body.strip() else None
+    except ValueError:
+        raise DaemonUnreachable("pmond sent a response that is not JSON") from None

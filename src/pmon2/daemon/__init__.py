@@ -1,0 +1,1 @@
+"""pmond: the daemon that owns every service's state."""

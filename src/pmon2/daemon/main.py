@@ -1,0 +1,182 @@
+"""pmond's entry point: one instance per data dir, a single-threaded asyncio loop, no service owned."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pmon2 import __version__, paths
+from pmon2.config import Config, load
+from pmon2.daemon import watch
+from pmon2.daemon.api import Api
+from pmon2.daemon.server import HttpServer, PeerPolicy
+from pmon2.daemon.store import Store
+from pmon2.daemon.supervisor import Supervisor, iso
+from pmon2.errors import PmonError
+
+log = logging.getLogger("pmond")
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class AlreadyRunning(PmonError):
+    code = "already_running"
+
+
+def lock_pidfile(path: Path) -> int:
+    """Hold an exclusive lock on the pid file for pmond's whole life: one pmond per run dir."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+            os.close(fd)
+            raise AlreadyRunning(f"pmond is already running (pid {other or '?'})") from None
+        # A pmond on its way out unlinks the file after we opened it: then our lock guards nothing.
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def set_subreaper() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise PmonError(f"prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}")
+
+
+class Reaper:
+    """As PID 1 or a subreaper, pmond inherits orphans and must reap them; it keeps their statuses."""
+
+    def __init__(self) -> None:
+        self.statuses: dict[int, watch.ExitStatus] = {}
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            self.statuses[pid] = watch.ExitStatus.from_wait_status(status, "waitpid")
+            if len(self.statuses) > 10_000:
+                self.statuses.pop(next(iter(self.statuses)))
+
+    def lookup(self, pid: int) -> watch.ExitStatus | None:
+        return self.statuses.pop(pid, None)
+
+
+def setup_logging(log_dir: Path, foreground: bool) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
+    root = logging.getLogger("pmond")
+    root.setLevel(logging.INFO)
+    handler = logging.FileHandler(log_dir / "pmond.log", encoding="utf-8")
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    if foreground and sys.stderr.isatty():
+        err = logging.StreamHandler()
+        err.setFormatter(fmt)
+        root.addHandler(err)
+
+
+def prepare_dirs(config: Config) -> None:
+    p = config.paths
+    private = 0o700 if p.mode != "root" else 0o755
+    for d, mode in ((p.run_dir, private), (p.data_dir, 0o700), (p.log_dir, 0o750 if p.mode == "root" else 0o700)):
+        try:
+            d.mkdir(parents=True, exist_ok=True, mode=mode)
+        except OSError as exc:
+            raise PmonError(f"cannot create {d}: {exc.strerror}") from None
+
+
+async def serve(config: Config, subreaper: bool) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    started = time.time()
+    store = Store(config.paths.database)
+    watcher = watch.Watcher(loop)
+    if subreaper or os.getpid() == 1:
+        reaper = Reaper()
+        watcher.status_sources.append(reaper.lookup)
+        loop.add_signal_handler(signal.SIGCHLD, reaper.reap)
+        reaper.reap()
+    supervisor = Supervisor(config, store, watcher)
+
+    def info() -> dict[str, Any]:
+        return {"version": __version__, "pid": os.getpid(), "socket": str(config.paths.socket),
+                "pidfile": str(config.paths.pidfile), "data_dir": str(config.paths.data_dir),
+                "log_dir": str(config.paths.log_dir), "started_at": iso(started),
+                "uptime_s": round(time.time() - started, 3), "mode": config.paths.mode,
+                "subreaper": subreaper or os.getpid() == 1,
+                "exit_status_source": "pidfd" if watch.PidfdInfo.supported else "unknown"}
+
+    server = HttpServer(config.paths.socket, Api(supervisor, info, stop.set),
+                        PeerPolicy("pmon2" if config.paths.mode == "root" else None))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored"))
+    await supervisor.recover()
+    await server.start()
+    log.info("pmond %s started, pid %d, %d services", __version__, os.getpid(), len(supervisor.services))
+    await stop.wait()
+    log.info("pmond stopping; services keep running")
+    await server.close()
+    # Let in-flight operations record their outcome, but never wait on services.
+    for task in list(supervisor.tasks):
+        task.cancel()
+    watcher.close()
+    store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pmond", description="The pmon2 daemon (runs in the foreground).")
+    parser.add_argument("--subreaper", action="store_true",
+                        help="adopt orphaned descendants and reap them (implied when running as PID 1)")
+    parser.add_argument("--version", action="version", version=f"pmond {__version__}")
+    args = parser.parse_args(argv)
+    os.umask(0o022)
+    lock_fd = -1
+    try:
+        config = load(paths.resolve())
+        prepare_dirs(config)
+        lock_fd = lock_pidfile(config.paths.pidfile)
+        setup_logging(config.paths.log_dir, foreground=True)
+        if args.subreaper:
+            set_subreaper()
+        asyncio.run(serve(config, args.subreaper))
+    except AlreadyRunning as exc:
+        print(f"pmond: {exc.message}", file=sys.stderr)
+        return 3
+    except PmonError as exc:
+        print(f"pmond: {exc.message}", file=sys.stderr)
+        logging.getLogger("pmond").error("%s", exc.message)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        if lock_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.unlink(config.paths.pidfile)
+            os.close(lock_fd)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""SQLite persistence: the services, their runtime state and the event ledger.
+
+WAL with synchronous=NORMAL: a committed transaction survives a SIGKILL of pmond at any moment
+(only a power cut can lose the last ones), and each write costs microseconds, not an fsync.
+A database that cannot be read is reported, never replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from pmon2.errors import StoreError
+
+# Each entry brings the schema from version i to i + 1. Never edit a released entry: append.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE services (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        name        TEXT NOT NULL UNIQUE,
+        spec        TEXT NOT NULL,
+        desired     TEXT NOT NULL CHECK (desired IN ('running', 'stopped')),
+        status      TEXT NOT NULL,
+        pid         INTEGER,
+        start_ticks INTEGER,
+        boot_id     TEXT,
+        started_at  REAL,
+        restarts    INTEGER NOT NULL DEFAULT 0,
+        fast_exits  INTEGER NOT NULL DEFAULT 0,
+        retry_at    REAL,
+        last_exit   TEXT,
+        last_error  TEXT,
+        created_at  REAL NOT NULL
+    );
+    CREATE TABLE events (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        service_id  INTEGER,
+        service     TEXT NOT NULL,
+        at          REAL NOT NULL,
+        kind        TEXT NOT NULL,
+        message     TEXT NOT NULL,
+        data        TEXT
+    );
+    CREATE INDEX events_by_service ON events (service_id, id);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+RUNTIME_FIELDS = ("desired", "status", "pid", "start_ticks", "boot_id", "started_at", "restarts",
+                  "fast_exits", "retry_at", "last_exit", "last_error")
+JSON_FIELDS = ("spec", "last_exit")
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA busy_timeout = 2000")
+            # The first real read: garbage in the file fails here, before anything is written.
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            self._migrate(version)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot use the database {path}: {exc}; it was left untouched "
+                             "(move it away to start afresh)") from None
+
+    def _migrate(self, version: int) -> None:
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"the database {self.path} has schema version {version}, newer than this "
+                             f"pmon2 knows ({SCHEMA_VERSION}): upgrade pmon2")
+        for target in range(version, SCHEMA_VERSION):
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _statements(MIGRATIONS[target]):
+                    self.db.execute(statement)
+                self.db.execute(f"PRAGMA user_version = {target + 1}")
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        self.db.close()
+
+    # services
+
+    def load_services(self) -> list[dict[str, Any]]:
+        return [_decode(row) for row in self.db.execute("SELECT * FROM services ORDER BY id")]
+
+    def insert_service(self, name: str, spec: dict[str, Any], status: str) -> int:
+        try:
+            cur = self.db.execute(
+                "INSERT INTO services (name, spec, desired, status, created_at) VALUES (?, ?, 'running', ?, ?)",
+                (name, json.dumps(spec), status, time.time()))
+        except sqlite3.IntegrityError:
+            raise StoreError(f"name {name!r} is taken") from None
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def update_service(self, service_id: int, **fields: Any) -> None:
+        if not fields:
+            return
+        bad = set(fields) - set(RUNTIME_FIELDS) - {"spec"}
+        if bad:
+            raise ValueError(f"not a stored field: {sorted(bad)}")
+        values = [json.dumps(v) if k in JSON_FIELDS and v is not None else v for k, v in fields.items()]
+        assignments = ", ".join(f"{k} = ?" for k in fields)
+        self.db.execute(f"UPDATE services SET {assignments} WHERE id = ?", (*values, service_id))
+
+    def delete_service(self, service_id: int) -> None:
+        self.db.execute("DELETE FROM services WHERE id = ?", (service_id,))
+
+    # events
+
+    def add_event(self, service_id: int | None, service: str, kind: str, message: str,
+                  data: dict[str, Any] | None = None, at: float | None = None) -> int:
+        cur = self.db.execute(
+            "INSERT INTO events (service_id, service, at, kind, message, data) VALUES (?, ?, ?, ?, ?, ?)",
+            (service_id, service, time.time() if at is None else at, kind, message,
+             json.dumps(data) if data else None))
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    def complete_event(self, event_id: int, message: str, data: dict[str, Any]) -> None:
+        """Fill in what was learnt after the fact (an exit status arrives once init reaps)."""
+        row = self.db.execute("SELECT data FROM events WHERE id = ?", (event_id,)).fetchone()
+        merged = (json.loads(row[0]) if row and row[0] else {}) | data
+        self.db.execute("UPDATE events SET message = ?, data = ? WHERE id = ?",
+                        (message, json.dumps(merged), event_id))
+
+    def events(self, service_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
+        if service_id is None:
+            rows = self.db.execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
+        else:
+            rows = self.db.execute("SELECT * FROM events WHERE service_id = ? ORDER BY id DESC LIMIT ?",
+                                   (service_id, limit))
+        out = []
+        for row in rows:
+            item = dict(row)
+            item["data"] = json.loads(item["data"]) if item["data"] else {}
+            out.append(item)
+        out.reverse()
+        return out
+
+
+def _decode(row: sqlite3.Row) -> dict[str, Any]:
+    item = dict(row)
+    for key in JSON_FIELDS:
+        if item.get(key) is not None:
+            item[key] = json.loads(item[key])
+    return item
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+

@@ -1,0 +1,66 @@
+"""`desc`: one service in detail."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from typing import Any
+
+from pmon2.render.table import STATUS_STYLE, status_text
+from pmon2.render.text import human_bytes, human_duration, paint
+
+SECRET_KEY = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+
+
+def describe_exit(last_exit: dict[str, Any] | None) -> str:
+    if not last_exit:
+        return "-"
+    if last_exit.get("code") is not None:
+        what = f"code {last_exit['code']}"
+    elif last_exit.get("signal"):
+        what = f"signal {last_exit['signal']}" + (" (core dumped)" if last_exit.get("core") else "")
+    elif last_exit.get("source") == "pending":
+        what = "status pending (waiting for init to reap it)"
+    else:
+        what = "status unknown"
+    runtime = last_exit.get("runtime_s")
+    after = f" after {human_duration(runtime)}" if runtime is not None else ""
+    return f"{what}{after}, at {last_exit.get('at') or 'an unknown time'}"
+
+
+def mask_env(env: dict[str, str]) -> list[str]:
+    return [f"{k}={'****' if SECRET_KEY.search(k) else v}" for k, v in sorted(env.items())]
+
+
+def render_detail(svc: dict[str, Any], color: bool) -> str:
+    cpu = svc.get("cpu_percent")
+    restart = "on exit" if svc.get("autorestart") else "never (--no-autorestart)"
+    rows: list[tuple[str, str]] = [
+        ("status", paint(status_text(svc), STATUS_STYLE.get(svc["status"]), color)),
+        ("id", str(svc["id"])),
+        ("pid", str(svc["pid"]) if svc.get("pid") else "-"),
+        ("command", shlex.join(svc["argv"])),
+        ("executable", svc.get("exe", "-")),
+        ("cwd", svc["cwd"]),
+        ("user", svc.get("user") or "-"),
+        ("started", svc.get("started_at") or "-"),
+        ("uptime", human_duration(svc.get("uptime_s"))),
+        ("restarts", str(svc["restarts"])),
+        ("cpu", "-" if cpu is None else f"{cpu:.1f}%"),
+        ("memory", human_bytes(svc.get("mem_bytes"))),
+        ("restart policy", f"{restart}; backoff after runs shorter than {svc.get('min_uptime', 1):g} s"),
+        ("stop", f"{svc.get('stop_signal', 'SIGTERM')}, SIGKILL after {svc.get('kill_timeout', 5):g} s"),
+        ("last exit", describe_exit(svc.get("last_exit"))),
+    ]
+    if svc.get("last_error"):
+        rows.append(("last error", svc["last_error"]))
+    if svc["status"] == "backoff" and svc.get("retry_at"):
+        rows.append(("next attempt", svc["retry_at"]))
+    rows += [("stdout log", svc["out_log"]), ("stderr log", svc["err_log"])]
+    env = mask_env(svc.get("env") or {})
+    rows.append(("env", f"{len(env)} variables" if env else "-"))
+    key_w = max(len(k) for k, _ in rows)
+    title = paint(f"{svc['name']}", "bold", color)
+    lines = [title] + [f"  {paint(k.ljust(key_w), 'cyan', color)}  {v}" for k, v in rows]
+    lines += [f"  {' ' * key_w}    {paint(item, 'grey', color)}" for item in env]
+    return "\n".join(lines)

@@ -1,0 +1,76 @@
+"""The `ls` table: boxed like pm2's, aligned for wide (CJK) characters, fitted to the terminal."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pmon2.render.text import human_bytes, human_duration, pad, paint, truncate, width
+
+STATUS_STYLE = {"running": "green bold", "stopped": "yellow", "stopping": "yellow", "exited": "grey",
+                "errored": "red bold", "backoff": "magenta"}
+
+
+@dataclass(frozen=True)
+class Column:
+    title: str
+    align: str = "<"
+    shrink: bool = False  # may be truncated to fit the terminal
+    min_width: int = 4
+
+
+COLUMNS = (Column("id", ">"), Column("name", shrink=True, min_width=6), Column("pid", ">"),
+           Column("status"), Column("↺", ">"), Column("uptime", ">"), Column("cpu", ">"),
+           Column("mem", ">"), Column("user", shrink=True, min_width=4))
+
+
+def status_text(svc: dict[str, Any]) -> str:
+    if svc["status"] == "backoff" and svc.get("retry_in_s") is not None:
+        return f"backoff {svc['retry_in_s']:.1f}s"
+    return svc["status"]
+
+
+def service_row(svc: dict[str, Any]) -> list[str]:
+    cpu = svc.get("cpu_percent")
+    return [str(svc["id"]), svc["name"], str(svc["pid"]) if svc.get("pid") else "-", status_text(svc),
+            str(svc["restarts"]), human_duration(svc.get("uptime_s")), "-" if cpu is None else f"{cpu:.1f}%",
+            human_bytes(svc.get("mem_bytes")), svc.get("user") or "-"]
+
+
+def fit(widths: list[int], columns: Sequence[Column], max_width: int) -> list[int]:
+    """Shrink the shrinkable columns, widest first, until the table fits in max_width."""
+    widths = list(widths)
+    total = sum(widths) + 3 * len(widths) + 1
+    while total > max_width:
+        candidates = [i for i, c in enumerate(columns) if c.shrink and widths[i] > c.min_width]
+        if not candidates:
+            break
+        i = max(candidates, key=lambda j: widths[j])
+        widths[i] -= 1
+        total -= 1
+    return widths
+
+
+def render_services(services: list[dict[str, Any]], color: bool, max_width: int) -> str:
+    rows = [service_row(s) for s in services]
+    widths = [max([width(c.title)] + [width(r[i]) for r in rows]) for i, c in enumerate(COLUMNS)]
+    widths = fit(widths, COLUMNS, max_width)
+
+    def border(left: str, mid: str, right: str) -> str:
+        return paint(left + mid.join("─" * (w + 2) for w in widths) + right, "grey", color)
+
+    bar = paint("│", "grey", color)
+    lines = [border("┌", "┬", "┐")]
+    head = [paint(pad(c.title, w, c.align), "bold cyan", color) for c, w in zip(COLUMNS, widths, strict=True)]
+    lines.append(bar + bar.join(f" {h} " for h in head) + bar)
+    lines.append(border("├", "┼", "┤"))
+    for svc, row in zip(services, rows, strict=True):
+        cells = []
+        for i, (c, w) in enumerate(zip(COLUMNS, widths, strict=True)):
+            text = pad(truncate(row[i], w), w, c.align)
+            style = STATUS_STYLE.get(svc["status"]) if c.title == "status" else ("bold" if c.title == "name" else None)
+            cells.append(paint(text, style, color))
+        lines.append(bar + bar.join(f" {cell} " for cell in cells) + bar)
+    lines.append(border("└", "┴", "┘"))
+    return "\n".join(lines)
