@@ -28,6 +28,8 @@ EXAMPLES = {
     "log": "pmon2 log api -n 50",
     "logf": "pmon2 logf api",
     "version": "pmon2 version",
+    "events": "pmon2 events api -n 20\n  pmon2 events --json",
+    "why": "pmon2 why api",
     "daemon": "pmon2 daemon status --json",
 }
 
@@ -230,6 +232,33 @@ def cmd_logf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _events(client: Any, ref: str | None, limit: int) -> list[dict[str, Any]]:
+    if limit <= 0:
+        raise UsageError("-n must be 1 or more")
+    path = client.service_path(ref, "events") if ref else "/v1/events"
+    return client.request("GET", f"{path}?limit={limit}")
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    events = _events(_client(), args.service, args.lines)
+    if args.json:
+        _print_json(events)
+        return 0
+    from pmon2.render.why import render_events
+
+    _say(render_events(events, _color()))
+    return 0
+
+
+def cmd_why(args: argparse.Namespace) -> int:
+    from pmon2.render.why import explain
+
+    client = _client()
+    svc = client.request("GET", client.service_path(args.service))
+    _say(explain(svc, _events(client, args.service, 200)))
+    return 0
+
+
 def cmd_version(args: argparse.Namespace) -> int:
     from pmon2.client import DaemonUnreachable
 
@@ -274,14 +303,15 @@ def cmd_daemon(args: argparse.Namespace) -> int:
             _print_json({"running": False, "socket": str(client.paths.socket), "version": __version__,
                          "pid": None})
         else:
-            _say("pmond is not running" if exc.message == "pmond is not running" else f"pmond is not running: {exc.message}")
+            detail = "" if exc.message == "pmond is not running" else f": {exc.message}"
+            _say(f"pmond is not running{detail}")
         return 3
     info["running"] = True
     if args.json:
         _print_json(info)
     else:
         for key in ("pid", "version", "socket", "uptime_s", "services", "data_dir", "log_dir", "mode",
-                    "exit_status_source"):
+                    "exit_status_sources"):
             _say(f"{key:<20} {info.get(key)}")
     return 0
 
@@ -364,6 +394,12 @@ def build_parser() -> Parser:
     p = command("logf", cmd_logf, "follow a service's logs, like tail -f")
     p.add_argument("service", help="id or name")
     p.add_argument("-n", "--lines", type=int, default=10, help="lines to show first (default 10)")
+    p = command("events", cmd_events, "show the ledger: starts, exits, restarts, stops, adoptions")
+    p.add_argument("service", nargs="?", help="id or name (default: all services)")
+    p.add_argument("-n", "--lines", type=int, default=30, help="how many of the newest events (default 30)")
+    p.add_argument("--json", action="store_true")
+    p = command("why", cmd_why, "explain why a service is not running or keeps restarting")
+    p.add_argument("service", help="id or name")
     p = command("version", cmd_version, "print the versions of pmon2 and the running pmond")
     p.add_argument("--json", action="store_true")
     p = command("daemon", cmd_daemon, "start, stop or inspect pmond (stopping it never stops a service)")

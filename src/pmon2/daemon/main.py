@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +65,8 @@ def set_subreaper() -> None:
 class Reaper:
     """As PID 1 or a subreaper, pmond inherits orphans and must reap them; it keeps their statuses."""
 
-    def __init__(self) -> None:
+    def __init__(self, wanted: Callable[[int], bool]) -> None:
+        self.wanted = wanted
         self.statuses: dict[int, watch.ExitStatus] = {}
 
     def reap(self) -> None:
@@ -75,12 +77,21 @@ class Reaper:
                 return
             if pid == 0:
                 return
-            self.statuses[pid] = watch.ExitStatus.from_wait_status(status, "waitpid")
-            if len(self.statuses) > 10_000:
-                self.statuses.pop(next(iter(self.statuses)))
+            if self.wanted(pid):
+                self.statuses[pid] = watch.ExitStatus.from_wait_status(status, "waitpid")
 
     def lookup(self, pid: int) -> watch.ExitStatus | None:
         return self.statuses.pop(pid, None)
+
+
+def exit_status_sources() -> set[str]:
+    """PMON2_EXIT_STATUS=none turns off every source (to test the "unknown" path); default: all."""
+    value = os.environ.get("PMON2_EXIT_STATUS", "auto").strip().lower()
+    if value in ("", "auto"):
+        return {"proc_connector", "pidfd", "waitpid"}
+    if value == "none":
+        return set()
+    return {v.strip() for v in value.split(",")}
 
 
 def setup_logging(log_dir: Path, foreground: bool) -> None:
@@ -112,11 +123,21 @@ async def serve(config: Config, subreaper: bool) -> None:
     started = time.time()
     store = Store(config.paths.database)
     watcher = watch.Watcher(loop)
+    sources = exit_status_sources()
     if subreaper or os.getpid() == 1:
-        reaper = Reaper()
-        watcher.status_sources.append(reaper.lookup)
+        reaper = Reaper(watcher.watching)
         loop.add_signal_handler(signal.SIGCHLD, reaper.reap)
         reaper.reap()
+        if sources:
+            watcher.status_sources.append(reaper.lookup)
+    connector = None
+    if "proc_connector" in sources and os.geteuid() == 0:
+        try:
+            connector = watch.ProcConnector(loop, watcher.watching)
+            watcher.status_sources.insert(0, connector.lookup)
+        except OSError as exc:
+            log.warning("netlink proc connector unavailable (%s); using pidfd exit info", exc.strerror)
+    watcher.use_pidfd_info = "pidfd" in sources
     supervisor = Supervisor(config, store, watcher)
 
     def info() -> dict[str, Any]:
@@ -125,7 +146,17 @@ async def serve(config: Config, subreaper: bool) -> None:
                 "log_dir": str(config.paths.log_dir), "started_at": iso(started),
                 "uptime_s": round(time.time() - started, 3), "mode": config.paths.mode,
                 "subreaper": subreaper or os.getpid() == 1,
-                "exit_status_source": "pidfd" if watch.PidfdInfo.supported else "unknown"}
+                "exit_status_sources": describe_sources()}
+
+    def describe_sources() -> list[str]:
+        found = []
+        if connector is not None:
+            found.append("proc_connector")
+        if subreaper or os.getpid() == 1:
+            found.append("waitpid")
+        if watcher.use_pidfd_info and watch.PidfdInfo.supported:
+            found.append("pidfd")
+        return found or ["unknown"]
 
     server = HttpServer(config.paths.socket, Api(supervisor, info, stop.set),
                         PeerPolicy("pmon2" if config.paths.mode == "root" else None))
@@ -141,6 +172,8 @@ async def serve(config: Config, subreaper: bool) -> None:
     # Let in-flight operations record their outcome, but never wait on services.
     for task in list(supervisor.tasks):
         task.cancel()
+    if connector is not None:
+        connector.close()
     watcher.close()
     store.close()
 

@@ -278,17 +278,17 @@ class Supervisor:
     def _watch(self, svc: Service, pid: int, pidfd: int) -> None:
         svc.pidfd = pidfd
         svc.exited = asyncio.Event()
-        exit_event: list[int] = []
+        exit_event: list[tuple[int, float | None]] = []
 
         def on_exit() -> None:
             exit_event.append(self._on_exit(svc, pid))
 
         def on_status(status: watch.ExitStatus) -> None:
-            self._on_status(svc, pid, status, exit_event[0] if exit_event else None)
+            self._on_status(svc, pid, status, *(exit_event[0] if exit_event else (None, None)))
 
         self.watcher.watch(pid, pidfd, on_exit, on_status)
 
-    def _on_exit(self, svc: Service, pid: int) -> int:
+    def _on_exit(self, svc: Service, pid: int) -> tuple[int, float | None]:
         now = time.time()
         runtime = now - svc.started_at if svc.started_at else None
         svc.pidfd = None  # the watcher keeps it until the status is known, then closes it
@@ -305,12 +305,12 @@ class Supervisor:
         if svc.status is Status.STOPPING:
             self._transition(svc, Trigger.STOPPED)
             self._save(svc, "status", "pid", "started_at", "last_exit")
-            return ev
+            return ev, runtime
         retry_in = self._transition(svc, Trigger.EXIT, runtime=runtime)
         svc.retry_at = now + retry_in if retry_in is not None else None
         self._save(svc, "status", "pid", "started_at", "last_exit", "fast_exits", "retry_at")
         if retry_in is None:
-            return ev
+            return ev, runtime
         if retry_in > 0:
             self._event(svc, "backoff", f"died {svc.fast_exits} times in a row within "
                         f"{svc.policy.min_uptime:g} s: next start in {retry_in:g} s", delay_s=retry_in,
@@ -318,13 +318,15 @@ class Supervisor:
             self._schedule_retry(svc, retry_in)
         else:
             self._spawn_task(self._auto_start(svc, svc.generation, restart=True))
-        return ev
+        return ev, runtime
 
-    def _on_status(self, svc: Service, pid: int, status: watch.ExitStatus, event_id: int | None) -> None:
+    def _on_status(self, svc: Service, pid: int, status: watch.ExitStatus, event_id: int | None,
+                   runtime: float | None) -> None:
         info = {"code": status.code, "signal": status.signal_name(), "core": status.core,
                 "source": status.source}
         if event_id is not None:
-            self.store.complete_event(event_id, f"process {pid} exited: {status.describe()}", info)
+            self.store.complete_event(
+                event_id, f"process {pid} exited after {fmt_runtime(runtime)}: {status.describe()}", info)
         # The status of an older run arrives late, after a restart: it must not overwrite a newer exit.
         if svc.last_exit is not None and svc.last_exit.get("pid") == pid and svc.id in self.services:
             svc.last_exit.update(info)
@@ -363,6 +365,7 @@ class Supervisor:
         self._cancel_retry(svc)
         if not svc.alive:
             if svc.status is not Status.STOPPED:
+                self._event(svc, "stop", f"stopped (was {svc.status}, no process running)")
                 self._transition(svc, Trigger.STOP)
                 svc.retry_at = None
                 self._save(svc, "status", "retry_at")

@@ -115,7 +115,10 @@ class Watcher:
         self.loop = loop
         self.epoll = select.epoll()
         self.watches: dict[int, _Watch] = {}  # by pidfd
+        self.by_pid: dict[int, _Watch] = {}
+        # Sources that may know a status before init reaps (proc connector, our own waitpid).
         self.status_sources: list[Callable[[int], ExitStatus | None]] = []
+        self.use_pidfd_info = True
         loop.add_reader(self.epoll.fileno(), self._on_ready)
 
     def close(self) -> None:
@@ -128,6 +131,7 @@ class Watcher:
         """Take ownership of `pidfd`: on_exit runs once the process ends, on_status once its status is known."""
         w = _Watch(pid, pidfd, on_exit, on_status)
         self.watches[pidfd] = w
+        self.by_pid[pid] = w
         self.epoll.register(pidfd, select.EPOLLIN)
 
     def _on_ready(self) -> None:
@@ -140,21 +144,28 @@ class Watcher:
                 self.epoll.modify(fd, 0)  # from now on, only EPOLLHUP (reaped) wakes us
                 w.deadline = self.loop.call_later(STATUS_DEADLINE, self._give_up, w)
                 w.on_exit()
-            if events & select.EPOLLHUP or not PidfdInfo.supported:
-                self._settle(w)
+                if w.pidfd in self.watches:
+                    self._settle(w, reaped=bool(events & select.EPOLLHUP))
+            elif events & select.EPOLLHUP:
+                self._settle(w, reaped=True)
 
-    def _settle(self, w: _Watch) -> None:
-        status = PidfdInfo.exit_status(w.pidfd)
-        if status is None or not status.known:
-            for source in self.status_sources:
-                found = source(w.pid)
-                if found is not None:
-                    status = found
-                    break
+    def _settle(self, w: _Watch, reaped: bool) -> None:
+        status = None
+        for source in self.status_sources:
+            status = source(w.pid)
+            if status is not None:
+                break
+        if status is None and self.use_pidfd_info:
+            status = PidfdInfo.exit_status(w.pidfd)
         if status is None:
-            return  # not reaped yet: EPOLLHUP will come
+            if not reaped and (self.use_pidfd_info and PidfdInfo.supported):
+                return  # EPOLLHUP comes once init reaps it, and the kernel knows the status then
+            status = UNKNOWN
         self._forget(w)
         w.on_status(status)
+
+    def watching(self, pid: int) -> bool:
+        return pid in self.by_pid
 
     def _give_up(self, w: _Watch) -> None:
         if w.pidfd in self.watches:
@@ -163,6 +174,8 @@ class Watcher:
 
     def _forget(self, w: _Watch) -> None:
         self.watches.pop(w.pidfd, None)
+        if self.by_pid.get(w.pid) is w:
+            del self.by_pid[w.pid]
         if w.deadline is not None:
             w.deadline.cancel()
         try:
@@ -214,3 +227,85 @@ def adopt(pid: int, start_ticks: int | None, boot_id: str | None) -> int | None:
         os.close(pidfd)
         return None
     return pidfd
+
+
+# The netlink proc connector (root only): exit statuses at exit time, before init reaps.
+NETLINK_CONNECTOR = 11
+CN_IDX_PROC = 1
+CN_VAL_PROC = 1
+PROC_CN_MCAST_LISTEN = 1
+PROC_EVENT_EXIT = 0x80000000
+NLMSG_DONE = 3
+_NLMSGHDR = struct.Struct("=IHHII")
+_CN_MSG = struct.Struct("=IIIIHH")
+_PROC_EVENT_HDR = struct.Struct("=IIQ")
+_EXIT_EVENT = struct.Struct("=IIII")
+
+
+class ProcConnector:
+    """Listens for exit events of every process and keeps those of the pids we watch.
+
+    Events can be dropped under load (ENOBUFS), so this is one source among others, never the only
+    truth: a pid with no event falls back to the pidfd, then to "unknown".
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, wanted: Callable[[int], bool]) -> None:
+        import socket
+
+        self.loop = loop
+        self.wanted = wanted
+        self.statuses: dict[int, ExitStatus] = {}
+        self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
+                                  NETLINK_CONNECTOR)
+        try:
+            self.sock.bind((0, CN_IDX_PROC))
+            # Linux 6.6+ filters by event type when the request carries one; older kernels want 4 bytes.
+            op = struct.pack("=II", PROC_CN_MCAST_LISTEN, PROC_EVENT_EXIT) if _kernel_at_least(6, 6) \
+                else struct.pack("=I", PROC_CN_MCAST_LISTEN)
+            cn = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(op), 0) + op
+            self.sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(cn), NLMSG_DONE, 0, 0, 0) + cn)
+        except OSError:
+            self.sock.close()
+            raise
+        loop.add_reader(self.sock.fileno(), self.drain)
+
+    def close(self) -> None:
+        self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+
+    def drain(self) -> None:
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError:  # ENOBUFS: events were lost; the pidfd path still covers them
+                continue
+            self._parse(data)
+
+    def _parse(self, data: bytes) -> None:
+        offset = 0
+        while offset + _NLMSGHDR.size <= len(data):
+            length = _NLMSGHDR.unpack_from(data, offset)[0]
+            if length < _NLMSGHDR.size:
+                return
+            body = offset + _NLMSGHDR.size + _CN_MSG.size
+            if body + _PROC_EVENT_HDR.size + _EXIT_EVENT.size <= offset + length:
+                what = _PROC_EVENT_HDR.unpack_from(data, body)[0]
+                if what == PROC_EVENT_EXIT:
+                    pid, tgid, code, _sig = _EXIT_EVENT.unpack_from(data, body + _PROC_EVENT_HDR.size)
+                    if pid == tgid and self.wanted(pid):
+                        self.statuses[pid] = ExitStatus.from_wait_status(code, "proc_connector")
+            offset += (length + 3) & ~3
+
+    def lookup(self, pid: int) -> ExitStatus | None:
+        self.drain()
+        return self.statuses.pop(pid, None)
+
+
+def _kernel_at_least(major: int, minor: int) -> bool:
+    try:
+        parts = os.uname().release.split(".")
+        return (int(parts[0]), int(parts[1].split("-")[0])) >= (major, minor)
+    except (ValueError, IndexError):
+        return False

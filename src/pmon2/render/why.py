@@ -1,0 +1,87 @@
+"""`why` and `events`: the ledger, told for a human."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pmon2.render.logs import tail_lines
+from pmon2.render.text import human_duration, paint
+
+
+def local_time(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
+
+
+def render_events(events: list[dict[str, Any]], color: bool) -> str:
+    if not events:
+        return "no events"
+    name_w = max(len(e["service"]) for e in events)
+    kind_w = max(len(e["kind"]) for e in events)
+    styles = {"exit": "red", "start_failed": "red", "kill": "red", "backoff": "magenta", "start": "green",
+              "restart": "green", "adopt": "cyan", "stop": "yellow", "reload": "blue", "delete": "yellow"}
+    lines = []
+    for e in events:
+        when = paint(local_time(e["at"]), "grey", color)
+        kind = paint(e["kind"].ljust(kind_w), styles.get(e["kind"]), color)
+        lines.append(f"{when}  {e['service'].ljust(name_w)}  {kind}  {e['message']}")
+    return "\n".join(lines)
+
+
+def exit_phrase(data: dict[str, Any]) -> str:
+    if data.get("code") is not None:
+        what = f"code {data['code']}"
+    elif data.get("signal"):
+        what = f"signal {data['signal']}"
+    elif data.get("while_down"):
+        what = "while pmond was down (status unknown)"
+    else:
+        what = "status unknown"
+    runtime = data.get("runtime_s")
+    return what + (f" after {runtime:g} s" if isinstance(runtime, int | float) else "")
+
+
+def explain(svc: dict[str, Any], events: list[dict[str, Any]], err_lines: int = 5) -> str:
+    name = svc["name"]
+    exits = [e for e in events if e["kind"] == "exit"]
+    recent = ", ".join(exit_phrase(e.get("data") or {}) for e in exits[-5:])
+    status = svc["status"]
+    parts: list[str] = []
+    if status == "running":
+        up = human_duration(svc.get("uptime_s"))
+        if svc["restarts"]:
+            parts.append(f"{name} is running (pid {svc['pid']}, up {up}). It has restarted {svc['restarts']} "
+                         f"time{'s' if svc['restarts'] != 1 else ''}; recent exits: {recent or 'none recorded'}.")
+        else:
+            parts.append(f"{name} is running (pid {svc['pid']}, up {up}) and has not restarted.")
+    elif status == "backoff":
+        fast = svc.get("fast_exits") or 0
+        wait = svc.get("retry_in_s")
+        parts.append(
+            f"{name} keeps dying: {fast} exit{'s' if fast != 1 else ''} in a row within "
+            f"{svc.get('min_uptime', 1):g} s of starting (recent: {recent or 'no exit recorded'}). "
+            f"pmon2 starts it again in {wait:.1f} s; the delay doubles up to 15 s and resets once it "
+            "stays up." if wait is not None else f"{name} is about to be started again.")
+        if svc.get("last_error"):
+            parts.append(f"The last start failed: {svc['last_error']}.")
+    elif status == "stopped":
+        stops = [e for e in events if e["kind"] == "stop"]
+        when = f" at {local_time(stops[-1]['at'])}" if stops else ""
+        parts.append(f"{name} is not running because it was stopped{when}. Start it with: pmon2 start {name}")
+    elif status == "stopping":
+        parts.append(f"{name} is stopping: the stop signal was sent and pmon2 waits for it to exit.")
+    elif status == "exited":
+        parts.append(f"{name} exited ({recent.split(', ')[-1] if recent else 'status unknown'}) and is not "
+                     f"started again because autorestart is off. Start it with: pmon2 start {name}")
+    elif status == "errored":
+        parts.append(f"{name} could not start: {svc.get('last_error') or 'unknown error'}. "
+                     f"Fix it, then: pmon2 start {name}")
+    if exits and status != "running" and not recent:
+        parts.append("Its last exit status is unknown.")
+    tail = tail_lines(svc["err_log"], err_lines)
+    text = " ".join(parts)
+    if tail:
+        text += f"\nLast lines of {svc['err_log']}:\n" + "\n".join("  " + line for line in tail)
+    elif status != "running":
+        text += f"\nIts error log ({svc['err_log']}) is empty."
+    return text
