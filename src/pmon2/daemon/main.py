@@ -133,7 +133,7 @@ async def serve(config: Config, subreaper: bool) -> None:
     connector = None
     if "proc_connector" in sources and os.geteuid() == 0:
         try:
-            connector = watch.ProcConnector(loop, watcher.watching)
+            connector = watch.ProcConnector(loop)
             watcher.status_sources.insert(0, connector.lookup)
         except OSError as exc:
             log.warning("netlink proc connector unavailable (%s); using pidfd exit info", exc.strerror)

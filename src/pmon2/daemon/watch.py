@@ -249,11 +249,14 @@ class ProcConnector:
     truth: a pid with no event falls back to the pidfd, then to "unknown".
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, wanted: Callable[[int], bool]) -> None:
+    # A process that dies within a millisecond of its exec is reported before its watch is set up:
+    # keep the latest exits of every process, a bounded window, and let lookups find them.
+    KEEP = 4096
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         import socket
 
         self.loop = loop
-        self.wanted = wanted
         self.statuses: dict[int, ExitStatus] = {}
         self.sock = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
                                   NETLINK_CONNECTOR)
@@ -294,8 +297,11 @@ class ProcConnector:
                 what = _PROC_EVENT_HDR.unpack_from(data, body)[0]
                 if what == PROC_EVENT_EXIT:
                     pid, tgid, code, _sig = _EXIT_EVENT.unpack_from(data, body + _PROC_EVENT_HDR.size)
-                    if pid == tgid and self.wanted(pid):
+                    if pid == tgid:
+                        self.statuses.pop(pid, None)
                         self.statuses[pid] = ExitStatus.from_wait_status(code, "proc_connector")
+                        if len(self.statuses) > self.KEEP:
+                            del self.statuses[next(iter(self.statuses))]
             offset += (length + 3) & ~3
 
     def lookup(self, pid: int) -> ExitStatus | None:
