@@ -25,8 +25,12 @@ EXAMPLES = {
     "restart": "pmon2 restart api",
     "reload": "pmon2 reload api --sig HUP",
     "del": "pmon2 del api",
-    "log": "pmon2 log api -n 50",
-    "logf": "pmon2 logf api",
+    "log": "pmon2 log api -n 50\n  pmon2 log              # all services",
+    "logf": "pmon2 logf api worker\n  pmon2 logf            # all services",
+    "flush": "pmon2 flush api\n  pmon2 flush            # all services",
+    "completion": "pmon2 completion bash > /etc/bash_completion.d/pmon2\n"
+                  "  pmon2 completion zsh > \"${fpath[1]}/_pmon2\"\n"
+                  "  pmon2 completion fish > ~/.config/fish/completions/pmon2.fish",
     "version": "pmon2 version",
     "events": "pmon2 events api -n 20\n  pmon2 events --json",
     "why": "pmon2 why api",
@@ -209,26 +213,66 @@ def cmd_del(args: argparse.Namespace) -> int:
     return 0
 
 
+def _services_named(client: Any, refs: list[str]) -> list[dict[str, Any]]:
+    """The services `refs` name, in order; all of them when `refs` is empty."""
+    if not refs:
+        services = client.request("GET", "/v1/services")
+        if not services:
+            raise PmonError("no services yet: start one with  pmon2 run ./bin/app --name app")
+        return services
+    return [client.request("GET", client.service_path(ref)) for ref in refs]
+
+
 def cmd_log(args: argparse.Namespace) -> int:
     from pmon2.render import logs
 
-    client = _client()
-    svc = client.request("GET", client.service_path(args.service))
     if args.lines < 0:
         raise UsageError("-n must be 0 or more")
-    sys.stdout.write(logs.tail_service(svc, args.lines, _color()))
+    services = _services_named(_client(), args.service)
+    color = _color()
+    for svc in services:
+        sys.stdout.write(logs.tail_service(svc, args.lines, color, show_name=len(services) > 1))
     return 0
 
 
 def cmd_logf(args: argparse.Namespace) -> int:
     from pmon2.render import logs
 
-    client = _client()
-    svc = client.request("GET", client.service_path(args.service))
+    if args.lines < 0:
+        raise UsageError("-n must be 0 or more")
+    services = _services_named(_client(), args.service)
     try:
-        logs.follow([svc], args.lines, _color(), sys.stdout)
+        logs.follow(services, args.lines, _color(), sys.stdout)
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    client = _client()
+    path = client.service_path(args.service, "flush") if args.service else "/v1/flush"
+    result = client.request("POST", path)
+    _say(f"emptied {len(result['files'])} log file{'s' if len(result['files']) != 1 else ''}")
+    return 0
+
+
+def cmd_completion(args: argparse.Namespace) -> int:
+    from pmon2.completion import script
+
+    sys.stdout.write(script(args.shell, build_parser()))
+    return 0
+
+
+def cmd_complete_names(args: argparse.Namespace) -> int:
+    """Hidden: service names for shell completion. Never starts pmond, never fails loudly."""
+    from pmon2.client import DaemonUnreachable
+
+    try:
+        services = _client().request("GET", "/v1/services", autostart=False, timeout=2.0)
+    except (DaemonUnreachable, PmonError):
+        return 0
+    for svc in services:
+        _say(svc["name"])
     return 0
 
 
@@ -388,12 +432,18 @@ def build_parser() -> Parser:
     p.add_argument("--sig", "-s", default="USR2", help="signal: HUP, USR1, USR2 or any name or number")
     p = command("del", cmd_del, "stop and forget a service", ("delete",))
     p.add_argument("service", help="id or name")
-    p = command("log", cmd_log, "print the last lines of a service's stdout and stderr")
-    p.add_argument("service", help="id or name")
+    p = command("log", cmd_log, "print the last lines of services' stdout and stderr")
+    p.add_argument("service", nargs="*", help="ids or names (default: all)")
     p.add_argument("-n", "--lines", type=int, default=20, help="lines of each stream (default 20)")
-    p = command("logf", cmd_logf, "follow a service's logs, like tail -f")
-    p.add_argument("service", help="id or name")
+    p = command("logf", cmd_logf, "follow services' logs, like tail -f, across rotation")
+    p.add_argument("service", nargs="*", help="ids or names (default: all)")
     p.add_argument("-n", "--lines", type=int, default=10, help="lines to show first (default 10)")
+    p = command("flush", cmd_flush, "empty the log files of one service, or of all")
+    p.add_argument("service", nargs="?", help="id or name (default: all)")
+    p = command("completion", cmd_completion, "print a shell completion script")
+    p.add_argument("shell", choices=("bash", "zsh", "fish"))
+    names = sub.add_parser("_names")
+    names.set_defaults(func=cmd_complete_names)
     p = command("events", cmd_events, "show the ledger: starts, exits, restarts, stops, adoptions")
     p.add_argument("service", nargs="?", help="id or name (default: all services)")
     p.add_argument("-n", "--lines", type=int, default=30, help="how many of the newest events (default 30)")

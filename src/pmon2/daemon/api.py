@@ -32,6 +32,8 @@ class Api:
             ("POST", re.compile(r"/v1/services/(?P<ref>[^/]+)/reload"), self.reload),
             ("GET", re.compile(r"/v1/services/(?P<ref>[^/]+)/events"), self.service_events),
             ("GET", re.compile(r"/v1/events"), self.all_events),
+            ("POST", re.compile(r"/v1/services/(?P<ref>[^/]+)/flush"), self.flush),
+            ("POST", re.compile(r"/v1/flush"), self.flush_all),
         ]
 
     async def __call__(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
@@ -94,6 +96,13 @@ class Api:
 
     async def all_events(self, query: dict[str, list[str]], **_: Any) -> tuple[int, Any]:
         return 200, self.sup.store.events(None, _limit(query))
+
+
+    async def flush(self, ref: str, **_: Any) -> tuple[int, Any]:
+        return 200, {"files": self.sup.flush([self.sup.find(ref)])}
+
+    async def flush_all(self, **_: Any) -> tuple[int, Any]:
+        return 200, {"files": self.sup.flush(list(self.sup.services.values()))}
 
 
 def _limit(query: dict[str, list[str]]) -> int:
