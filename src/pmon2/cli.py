@@ -27,6 +27,7 @@ EXAMPLES = {
     "del": "pmon2 del api",
     "log": "pmon2 log api -n 50\n  pmon2 log              # all services",
     "logf": "pmon2 logf api worker\n  pmon2 logf            # all services",
+    "monit": "pmon2 monit      (keys: r restart, s stop, t start, l reload, d delete, q quit)",
     "flush": "pmon2 flush api\n  pmon2 flush            # all services",
     "completion": "pmon2 completion bash > /etc/bash_completion.d/pmon2\n"
                   "  pmon2 completion zsh > \"${fpath[1]}/_pmon2\"\n"
@@ -256,6 +257,15 @@ def cmd_flush(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monit(args: argparse.Namespace) -> int:
+    try:
+        from pmon2.render import dashboard
+    except ImportError as exc:
+        raise PmonError(f"the dashboard needs textual ({exc.name} is missing): pip install textual") from None
+    dashboard.run(_client())
+    return 0
+
+
 def cmd_completion(args: argparse.Namespace) -> int:
     from pmon2.completion import script
 
@@ -440,6 +450,8 @@ def build_parser() -> Parser:
     p.add_argument("-n", "--lines", type=int, default=10, help="lines to show first (default 10)")
     p = command("flush", cmd_flush, "empty the log files of one service, or of all")
     p.add_argument("service", nargs="?", help="id or name (default: all)")
+    command("monit", cmd_monit, "live dashboard: cpu, memory, logs; keys restart, stop, start, reload, delete",
+            ("dash",))
     p = command("completion", cmd_completion, "print a shell completion script")
     p.add_argument("shell", choices=("bash", "zsh", "fish"))
     names = sub.add_parser("_names")
