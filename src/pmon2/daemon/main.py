@@ -128,8 +128,9 @@ async def serve(config: Config, subreaper: bool) -> None:
         reaper = Reaper(watcher.watching)
         loop.add_signal_handler(signal.SIGCHLD, reaper.reap)
         reaper.reap()
-        if sources:
+        if "waitpid" in sources:
             watcher.status_sources.append(reaper.lookup)
+            watcher.reaping = True
     connector = None
     if "proc_connector" in sources and os.geteuid() == 0:
         try:

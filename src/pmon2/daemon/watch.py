@@ -119,6 +119,7 @@ class Watcher:
         # Sources that may know a status before init reaps (proc connector, our own waitpid).
         self.status_sources: list[Callable[[int], ExitStatus | None]] = []
         self.use_pidfd_info = True
+        self.reaping = False  # pmond is the subreaper: its own waitpid learns every status
         loop.add_reader(self.epoll.fileno(), self._on_ready)
 
     def close(self) -> None:
@@ -158,8 +159,8 @@ class Watcher:
         if status is None and self.use_pidfd_info:
             status = PidfdInfo.exit_status(w.pidfd)
         if status is None:
-            if not reaped and (self.use_pidfd_info and PidfdInfo.supported):
-                return  # EPOLLHUP comes once init reaps it, and the kernel knows the status then
+            if not reaped and (self.reaping or (self.use_pidfd_info and PidfdInfo.supported)):
+                return  # EPOLLHUP comes once the process is reaped, and its status is known then
             status = UNKNOWN
         self._forget(w)
         w.on_status(status)
