@@ -65,12 +65,17 @@ def split_run_args(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
 
     opts: dict[str, Any] = {}
     argv: list[str] = []
+    early_args: list[str] = []  # --args given before the command: they follow the command
     i = 0
     while i < len(tokens):
         tok = tokens[i]
         i += 1
         if tok == "--":
-            argv.extend(tokens[i:])
+            rest = tokens[i:]
+            if not argv and rest:
+                argv.append(rest.pop(0))
+                argv.extend(early_args)
+            argv.extend(rest)
             break
         if not argv and tok in RUN_SHORT:
             tok = RUN_SHORT[tok]
@@ -90,10 +95,8 @@ def split_run_args(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
             else:
                 raise UsageError(f"{flag} needs a value")
             if dest == "args":
-                if not argv:
-                    raise UsageError("--args comes after the command: pmon2 run ./bin/app --args \"...\"")
                 try:
-                    argv.extend(shlex.split(value))
+                    (argv if argv else early_args).extend(shlex.split(value))
                 except ValueError as exc:
                     raise UsageError(f"--args: {exc}") from None
             else:
@@ -103,6 +106,10 @@ def split_run_args(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
             raise UsageError(f"unknown option {tok!r} before the command; put the service's own "
                              "flags after it, or after --")
         argv.append(tok)
+        if len(argv) == 1:
+            argv.extend(early_args)
+    if early_args and not argv:
+        raise UsageError("--args needs a command: pmon2 run ./bin/app --args \"...\"")
     return opts, argv
 
 
@@ -388,11 +395,17 @@ def _wait_gone(pid: int, timeout: float) -> None:
 
 def _asks_help(tokens: list[str]) -> bool:
     """-h/--help before the command asks for run's help; after it, it is the service's flag."""
+    skip = False
     for tok in tokens:
+        if skip:
+            skip = False
+            continue
         if tok in ("-h", "--help"):
             return True
         if tok == "--" or not tok.startswith("-"):
             return False
+        flag = RUN_SHORT.get(tok, tok)
+        skip = flag in RUN_FLAGS and RUN_FLAGS[flag][1] and "=" not in tok
     return not tokens
 
 

@@ -140,8 +140,12 @@ def parse_response(raw: bytes) -> tuple[int, Any]:
     for line in lines[1:]:
         name, _, value = line.partition(":")
         if name.strip().lower() == "content-length":
+            if not value.strip().isdigit():
+                raise DaemonUnreachable(f"pmond sent a bad Content-Length: {value.strip()[:20]!r}")
             length = int(value.strip())
     if length is not None:
+        if len(body) < length:
+            raise DaemonUnreachable("pmond's answer was cut short")
         body = body[:length]
     try:
         return status, json.loads(body) if body.strip() else None

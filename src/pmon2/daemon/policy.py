@@ -74,7 +74,8 @@ def backoff_delay(fast_exits: int, policy: RestartPolicy) -> float:
     """0 for a service that ran long enough; then 100 ms doubling per fast exit, capped."""
     if fast_exits <= 0:
         return 0.0
-    return min(policy.backoff_base * 2 ** (fast_exits - 1), policy.backoff_cap)
+    # Bound the exponent: a loop of hours would otherwise overflow the float.
+    return min(policy.backoff_base * 2.0 ** min(fast_exits - 1, 64), policy.backoff_cap)
 
 
 def step(status: Status, trigger: Trigger, policy: RestartPolicy, *, runtime: float | None = None,

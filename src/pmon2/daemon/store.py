@@ -59,21 +59,28 @@ class Store:
         self.path = path
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the database {path}: {exc}") from None
+        try:
             self.db.row_factory = sqlite3.Row
             self.db.execute("PRAGMA busy_timeout = 2000")
             # The first real read: garbage in the file fails here, before anything is written.
             version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"the database {self.path} has schema version {version}, newer than this "
+                                 f"pmon2 knows ({SCHEMA_VERSION}): upgrade pmon2")
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")
             self._migrate(version)
         except sqlite3.DatabaseError as exc:
+            self.db.close()
             raise StoreError(f"cannot use the database {path}: {exc}; it was left untouched "
                              "(move it away to start afresh)") from None
+        except BaseException:
+            self.db.close()
+            raise
 
     def _migrate(self, version: int) -> None:
-        if version > SCHEMA_VERSION:
-            raise StoreError(f"the database {self.path} has schema version {version}, newer than this "
-                             f"pmon2 knows ({SCHEMA_VERSION}): upgrade pmon2")
         for target in range(version, SCHEMA_VERSION):
             self.db.execute("BEGIN IMMEDIATE")
             try:

@@ -29,7 +29,7 @@ from pmon2.signals import parse_signal
 
 log = logging.getLogger("pmond")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z")
 # After SIGKILL a process dies unless stuck in the kernel (D state); don't hang a client forever.
 KILL_WAIT = 10.0
 
@@ -195,7 +195,7 @@ class Supervisor:
             raise BadRequest("env must map names to strings")
         exe = resolve_executable(argv[0], cwd, env.get("PATH", os.defpath))
         name = req.get("name") or os.path.basename(argv[0])
-        if not NAME_RE.match(name) or name.isdigit():
+        if not NAME_RE.fullmatch(name) or name.isdigit():
             raise BadRequest(f"invalid name {name!r}: use letters, digits, '.', '_' and '-' "
                              "(not only digits); set one with --name")
         clash = self.by_name(name)

@@ -41,7 +41,7 @@ def service_row(svc: dict[str, Any]) -> list[str]:
 def fit(widths: list[int], columns: Sequence[Column], max_width: int) -> list[int]:
     """Shrink the shrinkable columns, widest first, until the table fits in max_width."""
     widths = list(widths)
-    total = sum(widths) + 3 * len(widths) + 1
+    total = table_width(widths)
     while total > max_width:
         candidates = [i for i, c in enumerate(columns) if c.shrink and widths[i] > c.min_width]
         if not candidates:
@@ -52,22 +52,38 @@ def fit(widths: list[int], columns: Sequence[Column], max_width: int) -> list[in
     return widths
 
 
+# On a narrow terminal, these columns go first, in this order, once names are cut to their minimum.
+DROP_ORDER = ("user", "uptime", "mem", "cpu", "↺")
+
+
+def table_width(widths: list[int]) -> int:
+    return sum(widths) + 3 * len(widths) + 1
+
+
 def render_services(services: list[dict[str, Any]], color: bool, max_width: int) -> str:
-    rows = [service_row(s) for s in services]
-    widths = [max([width(c.title)] + [width(r[i]) for r in rows]) for i, c in enumerate(COLUMNS)]
-    widths = fit(widths, COLUMNS, max_width)
+    all_rows = [service_row(s) for s in services]
+    keep = list(range(len(COLUMNS)))
+    natural = [max([width(c.title)] + [width(r[i]) for r in all_rows]) for i, c in enumerate(COLUMNS)]
+    for title in DROP_ORDER:
+        columns = [COLUMNS[i] for i in keep]
+        if table_width(fit([natural[i] for i in keep], columns, max_width)) <= max_width:
+            break
+        keep.remove(next(i for i in keep if COLUMNS[i].title == title))
+    columns = [COLUMNS[i] for i in keep]
+    rows = [[r[i] for i in keep] for r in all_rows]
+    widths = fit([natural[i] for i in keep], columns, max_width)
 
     def border(left: str, mid: str, right: str) -> str:
         return paint(left + mid.join("─" * (w + 2) for w in widths) + right, "grey", color)
 
     bar = paint("│", "grey", color)
     lines = [border("┌", "┬", "┐")]
-    head = [paint(pad(c.title, w, c.align), "bold cyan", color) for c, w in zip(COLUMNS, widths, strict=True)]
+    head = [paint(pad(c.title, w, c.align), "bold cyan", color) for c, w in zip(columns, widths, strict=True)]
     lines.append(bar + bar.join(f" {h} " for h in head) + bar)
     lines.append(border("├", "┼", "┤"))
     for svc, row in zip(services, rows, strict=True):
         cells = []
-        for i, (c, w) in enumerate(zip(COLUMNS, widths, strict=True)):
+        for i, (c, w) in enumerate(zip(columns, widths, strict=True)):
             text = pad(truncate(row[i], w), w, c.align)
             style = STATUS_STYLE.get(svc["status"]) if c.title == "status" else ("bold" if c.title == "name" else None)
             cells.append(paint(text, style, color))

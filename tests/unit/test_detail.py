@@ -1,0 +1,48 @@
+from pmon2.render.detail import describe_exit, mask_env, render_detail
+
+
+def test_mask_env_masks_secrets_only():
+    env = {"API_KEY": "k1", "DB_PASSWORD": "p", "github_token": "t", "MY_SECRET_X": "s", "PATH": "/bin",
+           "HOME": "/root", "LANG": "C.UTF-8"}
+    assert mask_env(env) == [
+        "API_KEY=****", "DB_PASSWORD=****", "HOME=/root", "LANG=C.UTF-8", "MY_SECRET_X=****",
+        "PATH=/bin", "github_token=****",
+    ]
+
+
+def test_mask_env_empty():
+    assert mask_env({}) == []
+
+
+def test_describe_exit_code():
+    text = describe_exit({"code": 0, "signal": None, "runtime_s": 125, "at": "2024-01-01T00:00:00.000Z"})
+    assert text == "code 0 after 2m, at 2024-01-01T00:00:00.000Z"
+
+
+def test_describe_exit_signal():
+    text = describe_exit({"code": None, "signal": "SIGSEGV", "core": True, "runtime_s": 3, "at": "T"})
+    assert text == "signal SIGSEGV (core dumped) after 3s, at T"
+    assert describe_exit({"code": None, "signal": "SIGKILL", "at": "T"}) == "signal SIGKILL, at T"
+
+
+def test_describe_exit_pending_and_unknown():
+    pending = describe_exit({"code": None, "signal": None, "source": "pending", "runtime_s": None, "at": None})
+    assert pending == "status pending (waiting for init to reap it), at an unknown time"
+    unknown = describe_exit({"code": None, "signal": None, "source": "unknown", "at": "T"})
+    assert unknown == "status unknown, at T"
+    assert describe_exit(None) == "-"
+    assert describe_exit({}) == "-"
+
+
+def test_render_detail_masks_and_lists():
+    svc = {"id": 3, "name": "api", "status": "running", "pid": 42, "argv": ["./api", "--x", "a b"],
+           "exe": "/srv/api", "cwd": "/srv", "restarts": 1, "out_log": "/l/o", "err_log": "/l/e",
+           "env": {"TOKEN": "abc123", "PORT": "80"}, "autorestart": True}
+    out = render_detail(svc, False)
+    assert out.splitlines()[0] == "api"
+    assert "./api --x 'a b'" in out
+    assert "abc123" not in out
+    assert "TOKEN=****" in out
+    assert "PORT=80" in out
+    assert "2 variables" in out
+    assert "\x1b[" not in out

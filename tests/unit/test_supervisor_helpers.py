@@ -1,0 +1,105 @@
+import os
+import stat
+
+import pytest
+
+from pmon2.daemon.supervisor import NAME_RE, iso, resolve_executable, seconds
+from pmon2.errors import BadRequest, SpawnError
+
+
+def make_exe(path, mode=0o755):
+    path.write_text("#!/bin/sh\nexit 0\n")
+    path.chmod(mode)
+    return path
+
+
+def test_relative_path_resolved_against_cwd(tmp_path):
+    (tmp_path / "bin").mkdir()
+    exe = make_exe(tmp_path / "bin" / "app")
+    assert resolve_executable("./bin/app", str(tmp_path), "") == str(exe)
+    assert resolve_executable("bin/../bin/app", str(tmp_path), "") == str(exe)
+    assert resolve_executable(str(exe), "/", "") == str(exe)
+
+
+def test_path_lookup(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    make_exe(tmp_path / "a" / "tool", 0o644)  # not executable: skipped
+    (tmp_path / "a" / "dir").mkdir()
+    exe = make_exe(tmp_path / "b" / "tool")
+    path_var = os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert resolve_executable("tool", "/", path_var) == str(exe)
+    with pytest.raises(SpawnError, match="command not found"):
+        resolve_executable("dir", "/", path_var)
+
+
+def test_path_lookup_relative_and_empty_entries(tmp_path):
+    (tmp_path / "rel").mkdir()
+    exe = make_exe(tmp_path / "rel" / "tool")
+    assert resolve_executable("tool", str(tmp_path), "rel") == str(exe)
+    here = make_exe(tmp_path / "here")
+    assert resolve_executable("here", str(tmp_path), ":/nonexistent") == str(here)
+
+
+def test_path_lookup_real_sh():
+    found = resolve_executable("sh", "/", "/usr/bin:/bin")
+    assert os.path.basename(found) == "sh"
+    assert os.access(found, os.X_OK)
+
+
+def test_missing(tmp_path):
+    with pytest.raises(SpawnError, match="no such file"):
+        resolve_executable("./nope", str(tmp_path), "")
+    with pytest.raises(SpawnError, match="command not found"):
+        resolve_executable("surely-not-a-command-xyz", str(tmp_path), str(tmp_path))
+
+
+def test_directory(tmp_path):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(SpawnError, match="directory"):
+        resolve_executable("./d", str(tmp_path), "")
+
+
+def test_not_executable(tmp_path):
+    f = make_exe(tmp_path / "script", 0o644)
+    assert not f.stat().st_mode & (stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    with pytest.raises(SpawnError, match="not executable") as exc:
+        resolve_executable("./script", str(tmp_path), "")
+    assert exc.value.code == "spawn_failed"
+
+
+def test_seconds():
+    assert seconds({}, "min_uptime", 1.0) == 1.0
+    assert seconds({"min_uptime": None}, "min_uptime", 2.0) == 2.0
+    assert seconds({"min_uptime": "2.5"}, "min_uptime", 1.0) == 2.5
+    assert seconds({"kill_timeout": 0}, "kill_timeout", 5.0) == 0.0
+    assert seconds({"kill_timeout": 86400}, "kill_timeout", 5.0) == 86400.0
+
+
+@pytest.mark.parametrize("value", ["abc", -1, 86401, "nan", "inf", [1]])
+def test_seconds_bad(value):
+    with pytest.raises(BadRequest) as exc:
+        seconds({"kill_timeout": value}, "kill_timeout", 5.0)
+    assert "kill-timeout" in exc.value.message
+
+
+@pytest.mark.parametrize("name", ["api", "A", "_x", "0day", "web.1", "a-b_c.d", "x" * 64])
+def test_name_ok(name):
+    assert NAME_RE.match(name)
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "-x", "a b", "a/b", "数据", "x" * 65, "a\tb"])
+def test_name_bad(name):
+    assert not NAME_RE.match(name)
+
+
+@pytest.mark.parametrize("name", ["api\n", "x" * 64 + "\n"])
+def test_name_with_trailing_newline_is_rejected(name):
+    # `$` matches before a final newline: such a name would reach log file names and the table.
+    assert not NAME_RE.match(name)
+
+
+def test_iso():
+    assert iso(None) is None
+    assert iso(0) == "1970-01-01T00:00:00.000Z"
+    assert iso(1.5) == "1970-01-01T00:00:01.500Z"
