@@ -21,7 +21,7 @@ def test_describe_exit_code():
 
 def test_describe_exit_signal():
     text = describe_exit({"code": None, "signal": "SIGSEGV", "core": True, "runtime_s": 3, "at": "T"})
-    assert text == "signal SIGSEGV (core dumped) after 3s, at T"
+    assert text == "signal SIGSEGV (core dumped) after 3.0 s, at T"
     assert describe_exit({"code": None, "signal": "SIGKILL", "at": "T"}) == "signal SIGKILL, at T"
 
 
@@ -46,3 +46,8 @@ def test_render_detail_masks_and_lists():
     assert "PORT=80" in out
     assert "2 variables" in out
     assert "\x1b[" not in out
+
+
+def test_describe_exit_short_runs_in_milliseconds():
+    text = describe_exit({"code": 4, "signal": None, "runtime_s": 0.3, "at": "T"})
+    assert text == "code 4 after 300 ms, at T"

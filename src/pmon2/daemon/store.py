@@ -141,12 +141,16 @@ class Store:
         self.db.execute("UPDATE events SET message = ?, data = ? WHERE id = ?",
                         (message, json.dumps(merged), event_id))
 
-    def events(self, service_id: int | None = None, limit: int = 50) -> list[dict[str, Any]]:
-        if service_id is None:
-            rows = self.db.execute("SELECT * FROM events ORDER BY id DESC LIMIT ?", (limit,))
-        else:
-            rows = self.db.execute("SELECT * FROM events WHERE service_id = ? ORDER BY id DESC LIMIT ?",
-                                   (service_id, limit))
+    def events(self, service_id: int | None = None, limit: int = 50, kind: str | None = None) -> list[dict[str, Any]]:
+        where, params = [], []
+        if service_id is not None:
+            where.append("service_id = ?")
+            params.append(service_id)
+        if kind is not None:
+            where.append("kind = ?")
+            params.append(kind)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        rows = self.db.execute(f"SELECT * FROM events {clause} ORDER BY id DESC LIMIT ?", (*params, limit))
         out = []
         for row in rows:
             item = dict(row)

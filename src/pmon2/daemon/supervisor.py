@@ -481,9 +481,11 @@ class Supervisor:
             "autorestart": s["autorestart"], "out_log": s["out_log"], "err_log": s["err_log"],
         }
         if detail:
+            recent = [{"at": iso(e["at"]), "message": e["message"]} | e["data"]
+                      for e in self.store.events(svc.id, 5, kind="exit")]
             out |= {"exe": s["exe"], "env": s["env"], "min_uptime": s["min_uptime"],
                     "kill_timeout": s["kill_timeout"], "stop_signal": s["stop_signal"],
-                    "fast_exits": svc.fast_exits}
+                    "fast_exits": svc.fast_exits, "recent_exits": recent}
         return out
 
     def _usage(self, svc: Service) -> tuple[float | None, int | None]:

@@ -7,7 +7,7 @@ import shlex
 from typing import Any
 
 from pmon2.render.table import STATUS_STYLE, status_text
-from pmon2.render.text import human_bytes, human_duration, paint
+from pmon2.render.text import human_bytes, human_duration, human_runtime, paint
 
 SECRET_KEY = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 
@@ -24,7 +24,7 @@ def describe_exit(last_exit: dict[str, Any] | None) -> str:
     else:
         what = "status unknown"
     runtime = last_exit.get("runtime_s")
-    after = f" after {human_duration(runtime)}" if runtime is not None else ""
+    after = f" after {human_runtime(runtime)}" if runtime is not None else ""
     return f"{what}{after}, at {last_exit.get('at') or 'an unknown time'}"
 
 
@@ -52,6 +52,9 @@ def render_detail(svc: dict[str, Any], color: bool) -> str:
         ("stop", f"{svc.get('stop_signal', 'SIGTERM')}, SIGKILL after {svc.get('kill_timeout', 5):g} s"),
         ("last exit", describe_exit(svc.get("last_exit"))),
     ]
+    older = list(reversed(svc.get("recent_exits") or []))[1:]  # the newest is the last exit above
+    for i, item in enumerate(older):
+        rows.append(("earlier exits" if i == 0 else "", paint(describe_exit(item), "grey", color)))
     if svc.get("last_error"):
         rows.append(("last error", svc["last_error"]))
     if svc["status"] == "backoff" and svc.get("retry_at"):

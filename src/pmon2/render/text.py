@@ -95,3 +95,12 @@ def human_duration(seconds: float | None) -> str:
     if s < 86400:
         return f"{s // 3600}h"
     return f"{s // 86400}D"
+
+
+def human_runtime(seconds: float) -> str:
+    """A run's length, precise where it matters: 3 ms, 1.2 s, 5m."""
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    return human_duration(seconds)

@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from pmon2.render.logs import tail_lines
-from pmon2.render.text import human_duration, paint
+from pmon2.render.text import human_duration, human_runtime, paint
 
 
 def local_time(ts: float) -> str:
@@ -38,7 +38,7 @@ def exit_phrase(data: dict[str, Any]) -> str:
     else:
         what = "status unknown"
     runtime = data.get("runtime_s")
-    return what + (f" after {runtime:g} s" if isinstance(runtime, int | float) else "")
+    return what + (f" after {human_runtime(runtime)}" if isinstance(runtime, int | float) else "")
 
 
 def explain(svc: dict[str, Any], events: list[dict[str, Any]], err_lines: int = 5) -> str:
