@@ -45,7 +45,8 @@ RUN_FLAGS: dict[str, tuple[str, bool]] = {
     "--log": ("log", True), "--log_dir": ("log_dir", True), "--log-dir": ("log_dir", True),
     "--no-autorestart": ("no_autorestart", False), "--min-uptime": ("min_uptime", True),
     "--kill-timeout": ("kill_timeout", True), "--stop-signal": ("stop_signal", True),
-    "--json": ("json", False),
+    "--log-max-size": ("log_max_size", True), "--log-keep": ("log_keep", True),
+    "--log-compress": ("log_compress", False), "--json": ("json", False),
 }
 RUN_SHORT = {"-n": "--name", "-a": "--args", "-u": "--user", "-l": "--log", "-d": "--log_dir"}
 
@@ -143,7 +144,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("a command is needed: pmon2 run ./bin/app [args...] [--name NAME]")
     body: dict[str, Any] = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
                             "autorestart": not opts.get("no_autorestart", False)}
-    for key in ("name", "user", "log", "log_dir", "min_uptime", "kill_timeout", "stop_signal"):
+    for key in ("name", "user", "log", "log_dir", "min_uptime", "kill_timeout", "stop_signal", "log_max_size",
+                "log_keep", "log_compress"):
         if key in opts:
             body[key] = opts[key]
     svc = _client().request("POST", "/v1/services", body)
@@ -435,6 +437,9 @@ def build_parser() -> Parser:
                        help="a run shorter than this counts as a crash for backoff (default 1)")
     group.add_argument("--kill-timeout", metavar="SECONDS", help="grace time before SIGKILL on stop (default 5)")
     group.add_argument("--stop-signal", metavar="SIG", help="signal sent by stop (default TERM)")
+    group.add_argument("--log-max-size", metavar="SIZE", help="rotate a log file above this size (default 10M)")
+    group.add_argument("--log-keep", metavar="N", help="rotated files to keep (default 5)")
+    group.add_argument("--log-compress", action="store_true", help="gzip rotated files")
     group.add_argument("--json", action="store_true", help="print the new service as JSON")
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 

@@ -14,6 +14,10 @@ class Config:
     paths: Paths
     kill_timeout: float = 5.0
     min_uptime: float = 1.0
+    log_max_size: int = 10 << 20
+    log_keep: int = 5
+    log_compress: bool = False
+    log_check_interval: float = 10.0
 
 
 def load(paths: Paths) -> Config:
@@ -45,7 +49,23 @@ def load(paths: Paths) -> Config:
             raise PmonError(f"{paths.config_file}: {key} must be a number of seconds >= 0")
         return float(value)
 
-    known = {"data_dir", "log_dir", "kill_timeout", "min_uptime"}
+    def size_setting(key: str, default: int) -> int:
+        from pmon2.daemon.rotate import parse_size
+
+        try:
+            return parse_size(data.get(key, default))
+        except ValueError as exc:
+            raise PmonError(f"{paths.config_file}: {key}: {exc}") from None
+
+    keep = data.get("log_keep", 5)
+    if isinstance(keep, bool) or not isinstance(keep, int) or not 0 <= keep <= 1000:
+        raise PmonError(f"{paths.config_file}: log_keep must be a whole number from 0 to 1000")
+    compress = data.get("log_compress", False)
+    if not isinstance(compress, bool):
+        raise PmonError(f"{paths.config_file}: log_compress must be true or false")
+
+    known = {"data_dir", "log_dir", "kill_timeout", "min_uptime", "log_max_size", "log_keep", "log_compress",
+             "log_check_interval"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise PmonError(f"{paths.config_file}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
@@ -53,4 +73,8 @@ def load(paths: Paths) -> Config:
         paths.with_dirs(dir_setting("data_dir"), dir_setting("log_dir")),
         kill_timeout=number_setting("kill_timeout", 5.0),
         min_uptime=number_setting("min_uptime", 1.0),
+        log_max_size=size_setting("log_max_size", 10 << 20),
+        log_keep=keep,
+        log_compress=compress,
+        log_check_interval=number_setting("log_check_interval", 10.0),
     )

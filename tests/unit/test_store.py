@@ -145,3 +145,18 @@ def test_newer_schema_is_refused_and_left_untouched(tmp_path):
     with sqlite3.connect(path) as db:
         assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION + 1
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_prune_keeps_the_newest_events_of_each_service(tmp_path):
+    from pmon2.daemon.store import Store
+
+    store = Store(tmp_path / "p.db")
+    for i in range(30):
+        store.add_event(1, "a", "exit", f"a{i}")
+    for i in range(5):
+        store.add_event(2, "b", "exit", f"b{i}")
+    assert store.prune_events(10) == 20
+    a = store.events(1, 100)
+    assert [e["message"] for e in a] == [f"a{i}" for i in range(20, 30)]
+    assert len(store.events(2, 100)) == 5
+    store.close()

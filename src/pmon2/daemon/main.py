@@ -175,6 +175,7 @@ async def serve(config: Config, subreaper: bool) -> None:
         task.cancel()
     if connector is not None:
         connector.close()
+    supervisor.rotator.close()
     watcher.close()
     store.close()
 

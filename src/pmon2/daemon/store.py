@@ -48,6 +48,9 @@ MIGRATIONS: list[str] = [
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+# The ledger keeps this many of the newest events per service; older ones are pruned now and then.
+EVENTS_KEPT = 2000
+PRUNE_EVERY = 500
 
 RUNTIME_FIELDS = ("desired", "status", "pid", "start_ticks", "boot_id", "started_at", "restarts",
                   "fast_exits", "retry_at", "last_exit", "last_error")
@@ -132,7 +135,15 @@ class Store:
             (service_id, service, time.time() if at is None else at, kind, message,
              json.dumps(data) if data else None))
         assert cur.lastrowid is not None
+        if cur.lastrowid % PRUNE_EVERY == 0:
+            self.prune_events(EVENTS_KEPT)
         return cur.lastrowid
+
+    def prune_events(self, keep: int) -> int:
+        cur = self.db.execute(
+            "DELETE FROM events WHERE id IN (SELECT id FROM (SELECT id, ROW_NUMBER() OVER "
+            "(PARTITION BY service ORDER BY id DESC) AS newer FROM events) WHERE newer > ?)", (keep,))
+        return cur.rowcount
 
     def complete_event(self, event_id: int, message: str, data: dict[str, Any]) -> None:
         """Fill in what was learnt after the fact (an exit status arrives once init reaps)."""

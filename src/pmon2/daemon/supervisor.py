@@ -23,6 +23,7 @@ from pmon2 import procfs
 from pmon2.config import Config
 from pmon2.daemon import spawn, watch
 from pmon2.daemon.policy import RestartPolicy, Status, Trigger, step
+from pmon2.daemon.rotate import RotationPolicy, Rotator, parse_size
 from pmon2.daemon.store import Store
 from pmon2.errors import BadRequest, Conflict, NotFound, PmonError, SpawnError
 from pmon2.signals import parse_signal
@@ -80,6 +81,8 @@ class Supervisor:
         self.watcher = watcher
         self.services: dict[int, Service] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.rotator = Rotator(config.log_check_interval, self.rotation_files,
+                               lambda name, what: self._event(self.by_name(name), "rotate", what, name=name))
 
     # lookup
 
@@ -212,6 +215,21 @@ class Supervisor:
         else:
             out_log, err_log = str(log_dir / f"{name}-out.log"), str(log_dir / f"{name}-err.log")
         stop_signal = parse_signal(req.get("stop_signal") or "TERM").name
+        rotation = {}
+        if req.get("log_max_size") is not None:
+            try:
+                rotation["log_max_size"] = parse_size(req["log_max_size"])
+            except ValueError as exc:
+                raise BadRequest(f"--log-max-size: {exc}") from None
+        if req.get("log_keep") is not None:
+            keep = req["log_keep"]
+            if isinstance(keep, str) and keep.isdigit():
+                keep = int(keep)
+            if not isinstance(keep, int) or isinstance(keep, bool) or not 0 <= keep <= 1000:
+                raise BadRequest("--log-keep must be a whole number from 0 to 1000")
+            rotation["log_keep"] = keep
+        if req.get("log_compress") is not None:
+            rotation["log_compress"] = bool(req["log_compress"])
         spec = {
             "argv": list(argv), "exe": exe, "cwd": cwd, "env": env, "user": user,
             "out_log": out_log, "err_log": err_log,
@@ -219,6 +237,7 @@ class Supervisor:
             "min_uptime": seconds(req, "min_uptime", self.config.min_uptime),
             "kill_timeout": seconds(req, "kill_timeout", self.config.kill_timeout),
             "stop_signal": stop_signal,
+            **rotation,
         }
         return name, spec
 
@@ -274,6 +293,7 @@ class Supervisor:
                    "retry_at", "last_error")
         self._event(svc, "restart" if restart else "start", f"started process {launched.pid}",
                     pid=launched.pid, restarts=svc.restarts)
+        self.rotator.wake()
 
     def _watch(self, svc: Service, pid: int, pidfd: int) -> None:
         svc.pidfd = pidfd
@@ -446,6 +466,20 @@ class Supervisor:
             self._event(None, "delete", "deleted", name=svc.name)
         return svc
 
+    def rotation_policy(self, svc: Service) -> RotationPolicy:
+        s, c = svc.spec, self.config
+        return RotationPolicy(max_size=s.get("log_max_size") or c.log_max_size,
+                              keep=c.log_keep if s.get("log_keep") is None else s["log_keep"],
+                              compress=c.log_compress if s.get("log_compress") is None else s["log_compress"])
+
+    def rotation_files(self) -> list[tuple[str, RotationPolicy, str]]:
+        files = []
+        for svc in self.services.values():
+            if svc.alive:
+                policy = self.rotation_policy(svc)
+                files += [(p, policy, svc.name) for p in dict.fromkeys((svc.spec["out_log"], svc.spec["err_log"]))]
+        return files
+
     def flush(self, services: list[Service]) -> list[str]:
         """Empty log files in place: services keep writing through O_APPEND at the new end."""
         emptied = []
@@ -483,7 +517,9 @@ class Supervisor:
         if detail:
             recent = [{"at": iso(e["at"]), "message": e["message"]} | e["data"]
                       for e in self.store.events(svc.id, 5, kind="exit")]
-            out |= {"exe": s["exe"], "env": s["env"], "min_uptime": s["min_uptime"],
+            rotation = self.rotation_policy(svc)
+            out |= {"log_max_size": rotation.max_size, "log_keep": rotation.keep, "log_compress": rotation.compress,
+                    "exe": s["exe"], "env": s["env"], "min_uptime": s["min_uptime"],
                     "kill_timeout": s["kill_timeout"], "stop_signal": s["stop_signal"],
                     "fast_exits": svc.fast_exits, "recent_exits": recent}
         return out
