@@ -9,11 +9,15 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
-from typing import Any, NoReturn
 
 from pmon2 import __version__
 from pmon2.errors import PmonError
+
+# Not `typing`: importing it costs the CLI a few ms, and annotations are strings here anyway.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, NoReturn
 
 EXAMPLES = {
     "run": "pmon2 run ./bin/api --name api -- --port 8080\n"
@@ -411,14 +415,35 @@ def _asks_help(tokens: list[str]) -> bool:
     return not tokens
 
 
-def build_parser() -> Parser:
+COMMAND_NAMES = frozenset({
+    "run", "exec", "ls", "list", "desc", "show", "start", "restart", "stop", "reload", "del", "delete", "log",
+    "logf", "flush", "monit", "dash", "completion", "events", "why", "version", "daemon", "_names",
+})
+
+
+class _Skipped:
+    """Stands in for the sub-parsers a call does not need: building all of them costs ~8 ms."""
+
+    usage = None
+
+    def add_argument(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def add_argument_group(self, *args: Any, **kwargs: Any) -> _Skipped:
+        return self
+
+
+def build_parser(only: str | None = None) -> Parser:
+    """The whole parser, or (with `only`) just the sub-parser of that command, for speed."""
     parser = Parser(prog="pmon2", description="pmon2: keep services alive on a Linux server.",
                     epilog="Every command that needs pmond starts it when it is not running.")
     parser.add_argument("-v", "--version", action="version", version=f"pmon2 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     def command(name: str, func: Callable[[argparse.Namespace], int], help_text: str,
-                aliases: tuple[str, ...] = ()) -> Parser:
+                aliases: tuple[str, ...] = ()) -> Any:
+        if only is not None and only != name and only not in aliases:
+            return _Skipped()
         p = sub.add_parser(name, aliases=list(aliases), help=help_text, description=help_text,
                            epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(func=func)
@@ -472,8 +497,8 @@ def build_parser() -> Parser:
             ("dash",))
     p = command("completion", cmd_completion, "print a shell completion script")
     p.add_argument("shell", choices=("bash", "zsh", "fish"))
-    names = sub.add_parser("_names")
-    names.set_defaults(func=cmd_complete_names)
+    if only in (None, "_names"):
+        sub.add_parser("_names").set_defaults(func=cmd_complete_names)
     p = command("events", cmd_events, "show the ledger: starts, exits, restarts, stops, adoptions")
     p.add_argument("service", nargs="?", help="id or name (default: all services)")
     p.add_argument("-n", "--lines", type=int, default=30, help="how many of the newest events (default 30)")
@@ -490,7 +515,8 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
+    known = argv[0] if argv and not argv[0].startswith("-") and argv[0] in COMMAND_NAMES else None
+    parser = build_parser(only=known)
     if argv and argv[0] in ("run", "exec") and not _asks_help(argv[1:]):
         # argparse cannot interleave our flags with the service's; split_run_args does it.
         args = argparse.Namespace(command="run", func=cmd_run, rest=argv[1:])

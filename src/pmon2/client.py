@@ -1,22 +1,25 @@
 """The CLI's side of the API: HTTP/1.1 over pmond's Unix socket, and starting pmond when it is down.
 
 Standard library only, and not http.client (50 ms of imports here): the server is ours, answers with
-Content-Length and closes the connection, so reading the response is a few lines.
+Content-Length and closes the connection, so reading the response is a few lines. For the same reason
+it uses `_socket` (the socket module's enums cost 5 ms) and no urllib or pathlib.
 """
 
 from __future__ import annotations
 
+import _socket
 import json
 import os
-import socket
 import sys
 import time
-from pathlib import Path
-from typing import Any
-from urllib.parse import quote
 
 from pmon2.errors import DaemonUnreachable, PmonError
 from pmon2.paths import Paths, socket_address
+
+# Not `typing`: importing it costs the CLI a few ms, and annotations are strings here anyway.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 START_TIMEOUT = 15.0
 
@@ -31,8 +34,8 @@ class Client:
     def __init__(self, paths: Paths) -> None:
         self.paths = paths
 
-    def _connect(self, timeout: float | None) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def _connect(self, timeout: float | None) -> _socket.socket:
+        sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
         sock.settimeout(timeout)
         address, dirfd = socket_address(self.paths.socket)
         try:
@@ -62,16 +65,17 @@ class Client:
                                     "pmon2 group") from None
         except OSError as exc:
             raise DaemonUnreachable(f"cannot reach pmond at {self.paths.socket}: {exc.strerror}") from None
-        with sock:
-            try:
-                sock.sendall(head + payload)
-                chunks = []
-                while chunk := sock.recv(65536):
-                    chunks.append(chunk)
-            except TimeoutError:
-                raise DaemonUnreachable(f"pmond did not answer within {timeout:g} s") from None
-            except OSError as exc:
-                raise DaemonUnreachable(f"lost the connection to pmond: {exc.strerror}") from None
+        try:
+            sock.sendall(head + payload)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            raise DaemonUnreachable(f"pmond did not answer within {timeout:g} s") from None
+        except OSError as exc:
+            raise DaemonUnreachable(f"lost the connection to pmond: {exc.strerror}") from None
+        finally:
+            sock.close()
         status, data = parse_response(b"".join(chunks))
         if status >= 400:
             err = data.get("error", {}) if isinstance(data, dict) else {}
@@ -79,7 +83,7 @@ class Client:
         return data
 
     def service_path(self, ref: str, action: str = "") -> str:
-        return f"/v1/services/{quote(str(ref), safe='')}" + (f"/{action}" if action else "")
+        return f"/v1/services/{quote(str(ref))}" + (f"/{action}" if action else "")
 
     def is_running(self) -> bool:
         try:
@@ -97,10 +101,10 @@ class Client:
 
         run_dir = self.paths.run_dir
         try:
-            run_dir.mkdir(parents=True, exist_ok=True, mode=0o700 if self.paths.mode != "root" else 0o755)
+            os.makedirs(run_dir, mode=0o700 if self.paths.mode != "root" else 0o755, exist_ok=True)
         except OSError as exc:
             raise DaemonUnreachable(f"cannot create {run_dir}: {exc.strerror}") from None
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         env = dict(os.environ)
         env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         with open(self.paths.start_log, "wb") as start_log:
@@ -118,13 +122,20 @@ class Client:
 
     def start_failure(self) -> str:
         try:
-            lines = self.paths.start_log.read_text(errors="replace").strip().splitlines()
+            with open(self.paths.start_log, encoding="utf-8", errors="replace") as fh:
+                lines = fh.read().strip().splitlines()
         except OSError:
             lines = []
         if not lines:
             return f"no output (see {self.paths.start_log})"
         last = lines[-1]
         return last.removeprefix("pmond: ")
+
+
+def quote(text: str) -> str:
+    """Percent-encode a path segment (what urllib.parse.quote(text, safe="") does)."""
+    keep = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~"
+    return "".join(c if c in keep else "".join(f"%{b:02X}" for b in c.encode()) for c in text)
 
 
 def parse_response(raw: bytes) -> tuple[int, Any]:

@@ -24,7 +24,8 @@ def load(paths: Paths) -> Config:
     import tomllib
 
     try:
-        raw = paths.config_file.read_bytes()
+        with open(paths.config_file, "rb") as fh:
+            raw = fh.read()
     except FileNotFoundError:
         return Config(paths)
     except OSError as exc:
@@ -41,7 +42,7 @@ def load(paths: Paths) -> Config:
         if not isinstance(value, str) or not value:
             raise PmonError(f"{paths.config_file}: {key} must be a path")
         p = Path(value).expanduser()
-        return p if p.is_absolute() else paths.config_file.parent / p
+        return p if p.is_absolute() else Path(paths.config_file).parent / p
 
     def number_setting(key: str, default: float) -> float:
         value = data.get(key, default)

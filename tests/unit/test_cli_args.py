@@ -164,3 +164,21 @@ def test_asks_help():
     assert cli._asks_help([])
     assert not cli._asks_help(["./app", "-h"])
     assert not cli._asks_help(["--", "-h"])
+
+
+def test_command_names_list_every_sub_command():
+    import argparse
+
+    from pmon2.cli import COMMAND_NAMES, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == COMMAND_NAMES
+
+
+def test_a_single_command_parser_parses_like_the_full_one():
+    from pmon2.cli import build_parser
+
+    for argv in (["stop", "-f", "api"], ["log", "a", "b", "-n", "3"], ["reload", "x", "--sig", "HUP"]):
+        full = vars(build_parser().parse_args(argv))
+        single = vars(build_parser(only=argv[0]).parse_args(argv))
+        assert full == single

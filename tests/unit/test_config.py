@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from pmon2 import config, paths
@@ -10,8 +12,8 @@ def home(tmp_path):
 
 
 def write(home, text):
-    home.config_file.parent.mkdir(parents=True, exist_ok=True)
-    home.config_file.write_text(text)
+    Path(home.config_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(home.config_file).write_text(text)
 
 
 def test_no_file_gives_defaults(home):
@@ -24,12 +26,12 @@ def test_no_file_gives_defaults(home):
 def test_dirs_relative_and_absolute(home, tmp_path):
     write(home, f'data_dir = "mydata"\nlog_dir = "{tmp_path}/abs/logs"\nkill_timeout = 2\nmin_uptime = 0.5\n')
     cfg = config.load(home)
-    assert cfg.paths.data_dir == home.config_file.parent / "mydata"
-    assert cfg.paths.log_dir == tmp_path / "abs" / "logs"
+    assert Path(cfg.paths.data_dir) == Path(home.config_file).parent / "mydata"
+    assert Path(cfg.paths.log_dir) == tmp_path / "abs" / "logs"
     assert cfg.paths.run_dir == home.run_dir
     assert cfg.kill_timeout == 2.0
     assert cfg.min_uptime == 0.5
-    assert cfg.paths.database == home.config_file.parent / "mydata" / "pmon2.db"
+    assert Path(cfg.paths.database) == Path(home.config_file).parent / "mydata" / "pmon2.db"
 
 
 def test_unknown_key_one_line(home):
@@ -50,8 +52,8 @@ def test_bad_toml(home):
 
 
 def test_not_utf8(home):
-    home.config_file.parent.mkdir(parents=True, exist_ok=True)
-    home.config_file.write_bytes(b'data_dir = "\xff"\n')
+    Path(home.config_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(home.config_file).write_bytes(b'data_dir = "\xff"\n')
     with pytest.raises(PmonError):
         config.load(home)
 

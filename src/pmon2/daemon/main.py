@@ -32,7 +32,7 @@ class AlreadyRunning(PmonError):
     code = "already_running"
 
 
-def lock_pidfile(path: Path) -> int:
+def lock_pidfile(path: str) -> int:
     """Hold an exclusive lock on the pid file for pmond's whole life: one pmond per run dir."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -94,11 +94,11 @@ def exit_status_sources() -> set[str]:
     return {v.strip() for v in value.split(",")}
 
 
-def setup_logging(log_dir: Path, foreground: bool) -> None:
+def setup_logging(log_dir: str, foreground: bool) -> None:
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s")
     root = logging.getLogger("pmond")
     root.setLevel(logging.INFO)
-    handler = logging.FileHandler(log_dir / "pmond.log", encoding="utf-8")
+    handler = logging.FileHandler(os.path.join(log_dir, "pmond.log"), encoding="utf-8")
     handler.setFormatter(fmt)
     root.addHandler(handler)
     if foreground and sys.stderr.isatty():
@@ -112,7 +112,7 @@ def prepare_dirs(config: Config) -> None:
     private = 0o700 if p.mode != "root" else 0o755
     for d, mode in ((p.run_dir, private), (p.data_dir, 0o700), (p.log_dir, 0o750 if p.mode == "root" else 0o700)):
         try:
-            d.mkdir(parents=True, exist_ok=True, mode=mode)
+            Path(d).mkdir(parents=True, exist_ok=True, mode=mode)
         except OSError as exc:
             raise PmonError(f"cannot create {d}: {exc.strerror}") from None
 
@@ -121,7 +121,7 @@ async def serve(config: Config, subreaper: bool) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     started = time.time()
-    store = Store(config.paths.database)
+    store = Store(Path(config.paths.database))
     watcher = watch.Watcher(loop)
     sources = exit_status_sources()
     if subreaper or os.getpid() == 1:
@@ -159,7 +159,7 @@ async def serve(config: Config, subreaper: bool) -> None:
             found.append("pidfd")
         return found or ["unknown"]
 
-    server = HttpServer(config.paths.socket, Api(supervisor, info, stop.set),
+    server = HttpServer(Path(config.paths.socket), Api(supervisor, info, stop.set),
                         PeerPolicy("pmon2" if config.paths.mode == "root" else None))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

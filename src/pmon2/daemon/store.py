@@ -74,6 +74,7 @@ class Store:
                                  f"pmon2 knows ({SCHEMA_VERSION}): upgrade pmon2")
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")
+            self.db.execute("PRAGMA cache_size = -512")  # KiB: the data is small, RSS matters more
             self._migrate(version)
         except sqlite3.DatabaseError as exc:
             self.db.close()

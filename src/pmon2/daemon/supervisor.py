@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import functools
 import logging
 import os
 import re
@@ -207,7 +208,7 @@ class Supervisor:
         user = req.get("user") or None
         if user is not None:
             check_user(user)
-        log_dir = Path(req["log_dir"]) if req.get("log_dir") else self.config.paths.log_dir
+        log_dir = Path(req["log_dir"] if req.get("log_dir") else self.config.paths.log_dir)
         if not log_dir.is_absolute():
             log_dir = Path(cwd) / log_dir
         if req.get("log"):
@@ -604,6 +605,7 @@ def check_user(user: str) -> None:
         raise SpawnError(f"--user {user} needs pmond to run as root")
 
 
+@functools.cache
 def current_user() -> str:
     import pwd
 

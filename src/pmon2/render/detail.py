@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import re
 import shlex
-from typing import Any
 
 from pmon2.render.table import STATUS_STYLE, status_text
 from pmon2.render.text import human_bytes, human_duration, human_runtime, paint
+
+# Not `typing`: importing it costs the CLI a few ms, and annotations are strings here anyway.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 SECRET_KEY = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
-
 from pmon2.render.text import human_bytes, human_duration, pad, paint, truncate, width
+
+# Not `typing`: importing it costs the CLI a few ms, and annotations are strings here anyway.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any
 
 STATUS_STYLE = {"running": "green bold", "stopped": "yellow", "stopping": "yellow", "exited": "grey",
                 "errored": "red bold", "backoff": "magenta"}
 
 
-@dataclass(frozen=True)
 class Column:
-    title: str
-    align: str = "<"
-    shrink: bool = False  # may be truncated to fit the terminal
-    min_width: int = 4
+    __slots__ = ("align", "min_width", "shrink", "title")
+
+    def __init__(self, title: str, align: str = "<", shrink: bool = False, min_width: int = 4) -> None:
+        self.title = title
+        self.align = align
+        self.shrink = shrink  # may be truncated to fit the terminal
+        self.min_width = min_width
 
 
 COLUMNS = (Column("id", ">"), Column("name", shrink=True, min_width=6), Column("pid", ">"),

@@ -5,7 +5,11 @@ from __future__ import annotations
 import os
 import sys
 import unicodedata
-from typing import TextIO
+
+# Not `typing`: importing it costs the CLI a few ms, and annotations are strings here anyway.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import TextIO
 
 RESET = "\x1b[0m"
 STYLES = {"bold": "1", "dim": "2", "red": "31", "green": "32", "yellow": "33", "blue": "34",
