@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
 from pmon2.errors import PmonError
 from pmon2.paths import Paths
@@ -35,14 +35,14 @@ def load(paths: Paths) -> Config:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise PmonError(f"{paths.config_file}: {exc}") from None
 
-    def dir_setting(key: str) -> Path | None:
+    def dir_setting(key: str) -> str | None:
         value = data.get(key)
         if value is None:
             return None
         if not isinstance(value, str) or not value:
             raise PmonError(f"{paths.config_file}: {key} must be a path")
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else Path(paths.config_file).parent / p
+        p = os.path.expanduser(value)
+        return p if os.path.isabs(p) else os.path.join(os.path.dirname(paths.config_file), p)
 
     def number_setting(key: str, default: float) -> float:
         value = data.get(key, default)

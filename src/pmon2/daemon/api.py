@@ -6,6 +6,7 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pmon2.daemon.server import unquote
 from pmon2.daemon.supervisor import Supervisor
 from pmon2.errors import BadRequest, NotFound
 
@@ -37,8 +38,6 @@ class Api:
         ]
 
     async def __call__(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
-        from urllib.parse import unquote
-
         path_matched = False
         for verb, pattern, handler in self.routes:
             m = pattern.fullmatch(path)

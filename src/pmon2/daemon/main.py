@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import fcntl
@@ -12,7 +11,6 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from pmon2 import __version__, paths
@@ -26,6 +24,13 @@ from pmon2.errors import PmonError
 
 log = logging.getLogger("pmond")
 PR_SET_CHILD_SUBREAPER = 36
+USAGE = """usage: pmond [--subreaper] [--version]
+
+The pmon2 daemon, in the foreground. The pmon2 CLI starts it by itself; `pmon2 daemon start|stop|status`
+manage it. Stopping pmond never stops a service.
+
+  --subreaper  adopt orphaned descendants and reap them (implied when pmond is PID 1)
+  --version    print the version"""
 
 
 class AlreadyRunning(PmonError):
@@ -112,7 +117,7 @@ def prepare_dirs(config: Config) -> None:
     private = 0o700 if p.mode != "root" else 0o755
     for d, mode in ((p.run_dir, private), (p.data_dir, 0o700), (p.log_dir, 0o750 if p.mode == "root" else 0o700)):
         try:
-            Path(d).mkdir(parents=True, exist_ok=True, mode=mode)
+            os.makedirs(d, mode=mode, exist_ok=True)
         except OSError as exc:
             raise PmonError(f"cannot create {d}: {exc.strerror}") from None
 
@@ -121,7 +126,7 @@ async def serve(config: Config, subreaper: bool) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     started = time.time()
-    store = Store(Path(config.paths.database))
+    store = Store(config.paths.database)
     watcher = watch.Watcher(loop)
     sources = exit_status_sources()
     if subreaper or os.getpid() == 1:
@@ -159,7 +164,7 @@ async def serve(config: Config, subreaper: bool) -> None:
             found.append("pidfd")
         return found or ["unknown"]
 
-    server = HttpServer(Path(config.paths.socket), Api(supervisor, info, stop.set),
+    server = HttpServer(config.paths.socket, Api(supervisor, info, stop.set),
                         PeerPolicy("pmon2" if config.paths.mode == "root" else None))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -181,11 +186,19 @@ async def serve(config: Config, subreaper: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pmond", description="The pmon2 daemon (runs in the foreground).")
-    parser.add_argument("--subreaper", action="store_true",
-                        help="adopt orphaned descendants and reap them (implied when running as PID 1)")
-    parser.add_argument("--version", action="version", version=f"pmond {__version__}")
-    args = parser.parse_args(argv)
+    # Three flags: not worth argparse's 0.3 MB in a daemon that lives for months.
+    args = sys.argv[1:] if argv is None else argv
+    if "-h" in args or "--help" in args:
+        print(USAGE)
+        return 0
+    if "--version" in args:
+        print(f"pmond {__version__}")
+        return 0
+    unknown = [a for a in args if a != "--subreaper"]
+    if unknown:
+        print(f"pmond: unknown argument {unknown[0]!r}\n{USAGE}", file=sys.stderr)
+        return 2
+    subreaper = "--subreaper" in args
     os.umask(0o022)
     lock_fd = -1
     try:
@@ -193,9 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         prepare_dirs(config)
         lock_fd = lock_pidfile(config.paths.pidfile)
         setup_logging(config.paths.log_dir, foreground=True)
-        if args.subreaper:
+        if subreaper:
             set_subreaper()
-        asyncio.run(serve(config, args.subreaper))
+        asyncio.run(serve(config, subreaper))
     except AlreadyRunning as exc:
         print(f"pmond: {exc.message}", file=sys.stderr)
         return 3

@@ -12,7 +12,6 @@ import asyncio
 import errno
 import logging
 import os
-import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -83,7 +82,11 @@ async def rotate(path: str, policy: RotationPolicy) -> str:
 
 
 async def _copy(src: str, dst: str, compress: bool) -> None:
-    packer = zlib.compressobj(6, zlib.DEFLATED, 31) if compress else None  # wbits 31: gzip framing
+    packer = None
+    if compress:
+        import zlib
+
+        packer = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: gzip framing
     with open(src, "rb") as fin, open(dst, "wb", opener=lambda p, f: os.open(p, f, 0o640)) as fout:
         while chunk := fin.read(CHUNK):
             fout.write(packer.compress(chunk) if packer else chunk)

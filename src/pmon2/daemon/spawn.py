@@ -72,6 +72,10 @@ def _exec_grandchild(spec: LaunchSpec, ident: _Identity | None, status_w: int, g
     try:
         if os.read(go_r, 1) != b"g":
             os._exit(1)  # pmond went away before letting us start
+        # Lead a process group of our own inside the new session (whose leader is the intermediate,
+        # already gone): stop can then signal the service and all its children with killpg(pid).
+        stage = "setpgid"
+        os.setpgid(0, 0)
         stage = "stdin"
         devnull = os.open("/dev/null", os.O_RDONLY)
         stage = "log " + spec.out_log

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from pathlib import Path
 from typing import Any
 
 from pmon2.errors import StoreError
@@ -58,7 +57,7 @@ JSON_FIELDS = ("spec", "last_exit")
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: str) -> None:
         self.path = path
         try:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

@@ -8,7 +8,6 @@ User operations on one service are serialised by its lock; automatic restarts ta
 from __future__ import annotations
 
 import asyncio
-import difflib
 import functools
 import logging
 import os
@@ -17,7 +16,6 @@ import signal
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from pmon2 import procfs
@@ -98,6 +96,8 @@ class Supervisor:
             if svc.name == ref:
                 return svc
         names = [s.name for s in self.services.values()]
+        import difflib
+
         close = difflib.get_close_matches(ref, names, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise NotFound(f"no service {ref!r}{hint}")
@@ -208,13 +208,12 @@ class Supervisor:
         user = req.get("user") or None
         if user is not None:
             check_user(user)
-        log_dir = Path(req["log_dir"] if req.get("log_dir") else self.config.paths.log_dir)
-        if not log_dir.is_absolute():
-            log_dir = Path(cwd) / log_dir
+        log_dir = os.path.join(cwd, req["log_dir"] if req.get("log_dir") else self.config.paths.log_dir)
         if req.get("log"):
-            out_log = err_log = str(Path(cwd) / req["log"])
+            out_log = err_log = os.path.normpath(os.path.join(cwd, req["log"]))
         else:
-            out_log, err_log = str(log_dir / f"{name}-out.log"), str(log_dir / f"{name}-err.log")
+            out_log = os.path.normpath(os.path.join(log_dir, f"{name}-out.log"))
+            err_log = os.path.normpath(os.path.join(log_dir, f"{name}-err.log"))
         stop_signal = parse_signal(req.get("stop_signal") or "TERM").name
         rotation = {}
         if req.get("log_max_size") is not None:
