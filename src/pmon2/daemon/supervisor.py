@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -107,14 +108,24 @@ class Supervisor:
 
     # persistence
 
+    # A write that fails (a full disk, say) is logged and the service goes on being supervised: losing
+    # a ledger line is better than leaving a crashed service down.
+
     def _save(self, svc: Service, *fields: str) -> None:
-        self.store.update_service(svc.id, **{f: getattr(svc, f) for f in fields})
+        try:
+            self.store.update_service(svc.id, **{f: getattr(svc, f) for f in fields})
+        except sqlite3.Error as exc:
+            log.error("%s: cannot save its state: %s", svc.name, exc)
 
     def _event(self, svc: Service | None, kind: str, message: str, name: str | None = None,
-               **data: Any) -> int:
+               **data: Any) -> int | None:
         log.info("%s: %s", svc.name if svc else name, message)
-        return self.store.add_event(svc.id if svc else None, svc.name if svc else (name or "?"), kind,
-                                    message, data or None)
+        try:
+            return self.store.add_event(svc.id if svc else None, svc.name if svc else (name or "?"), kind,
+                                        message, data or None)
+        except sqlite3.Error as exc:
+            log.error("cannot record an event: %s", exc)
+            return None
 
     def _transition(self, svc: Service, trigger: Trigger, *, runtime: float | None = None,
                     user_initiated: bool = False) -> float | None:
@@ -298,7 +309,7 @@ class Supervisor:
     def _watch(self, svc: Service, pid: int, pidfd: int) -> None:
         svc.pidfd = pidfd
         svc.exited = asyncio.Event()
-        exit_event: list[tuple[int, float | None]] = []
+        exit_event: list[tuple[int | None, float | None]] = []
 
         def on_exit() -> None:
             exit_event.append(self._on_exit(svc, pid))
@@ -308,7 +319,7 @@ class Supervisor:
 
         self.watcher.watch(pid, pidfd, on_exit, on_status)
 
-    def _on_exit(self, svc: Service, pid: int) -> tuple[int, float | None]:
+    def _on_exit(self, svc: Service, pid: int) -> tuple[int | None, float | None]:
         now = time.time()
         runtime = now - svc.started_at if svc.started_at else None
         svc.pidfd = None  # the watcher keeps it until the status is known, then closes it
@@ -345,8 +356,11 @@ class Supervisor:
         info = {"code": status.code, "signal": status.signal_name(), "core": status.core,
                 "source": status.source}
         if event_id is not None:
-            self.store.complete_event(
-                event_id, f"process {pid} exited after {fmt_runtime(runtime)}: {status.describe()}", info)
+            try:
+                self.store.complete_event(
+                    event_id, f"process {pid} exited after {fmt_runtime(runtime)}: {status.describe()}", info)
+            except sqlite3.Error as exc:
+                log.error("%s: cannot record an exit status: %s", svc.name, exc)
         # The status of an older run arrives late, after a restart: it must not overwrite a newer exit.
         if svc.last_exit is not None and svc.last_exit.get("pid") == pid and svc.id in self.services:
             svc.last_exit.update(info)

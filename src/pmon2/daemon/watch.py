@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import logging
 import os
 import select
 import signal
@@ -140,15 +141,22 @@ class Watcher:
             w = self.watches.get(fd)
             if w is None:
                 continue
-            if not w.exited:
-                w.exited = True
-                self.epoll.modify(fd, 0)  # from now on, only EPOLLHUP (reaped) wakes us
-                w.deadline = self.loop.call_later(STATUS_DEADLINE, self._give_up, w)
-                w.on_exit()
-                if w.pidfd in self.watches:
-                    self._settle(w, reaped=bool(events & select.EPOLLHUP))
-            elif events & select.EPOLLHUP:
-                self._settle(w, reaped=True)
+            try:
+                self._handle(w, events)
+            except Exception:
+                # One service's failure must not cost the others their exit in this batch.
+                logging.getLogger("pmond").exception("error while handling the exit of process %d", w.pid)
+
+    def _handle(self, w: _Watch, events: int) -> None:
+        if not w.exited:
+            w.exited = True
+            self.epoll.modify(w.pidfd, 0)  # from now on, only EPOLLHUP (reaped) wakes us
+            w.deadline = self.loop.call_later(STATUS_DEADLINE, self._give_up, w)
+            w.on_exit()
+            if w.pidfd in self.watches:
+                self._settle(w, reaped=bool(events & select.EPOLLHUP))
+        elif events & select.EPOLLHUP:
+            self._settle(w, reaped=True)
 
     def _settle(self, w: _Watch, reaped: bool) -> None:
         status = None
