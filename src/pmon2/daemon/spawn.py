@@ -67,11 +67,10 @@ def _identity(spec: LaunchSpec) -> _Identity | None:
 
 
 def _exec_grandchild(spec: LaunchSpec, ident: _Identity | None, status_w: int, go_r: int) -> None:
-    """Runs in the grandchild; never returns. Only async-signal-safe-ish work: we are single-threaded."""
+    """Runs in the grandchild; never returns. It prepares everything while pmond opens its pidfd, then
+    waits for the go and execs at once: a restart costs one exec after the go, not the whole set-up."""
     stage = "start"
     try:
-        if os.read(go_r, 1) != b"g":
-            os._exit(1)  # pmond went away before letting us start
         # Lead a process group of our own inside the new session (whose leader is the intermediate,
         # already gone): stop can then signal the service and all its children with killpg(pid).
         stage = "setpgid"
@@ -86,9 +85,11 @@ def _exec_grandchild(spec: LaunchSpec, ident: _Identity | None, status_w: int, g
         os.dup2(devnull, 0)
         os.dup2(out, 1)
         os.dup2(err, 2)
-        # Close everything else pmond had open (its socket, database, pidfds) but the status pipe.
-        os.closerange(3, status_w)
-        os.closerange(status_w + 1, 1 << 20)
+        # Close everything else pmond had open (its socket, database, pidfds) but our two pipes.
+        low, high = sorted((status_w, go_r))
+        os.closerange(3, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, 1 << 20)
         stage = "cwd " + spec.cwd
         os.chdir(spec.cwd)
         env = spec.env
@@ -98,14 +99,15 @@ def _exec_grandchild(spec: LaunchSpec, ident: _Identity | None, status_w: int, g
             os.setgid(ident.gid)
             os.setuid(ident.uid)
             env = ident.env
-        # Python ignores SIGPIPE and SIGXFSZ; ignored signals survive exec, so reset them all.
+        # Python ignores SIGPIPE and SIGXFSZ, and pmond handles a few; handlers other than the default
+        # survive exec as "ignored", so put back the default for every one Python knows is changed.
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         for sig in signal.valid_signals():
-            if sig not in (signal.SIGKILL, signal.SIGSTOP):
-                try:
-                    signal.signal(sig, signal.SIG_DFL)
-                except (OSError, ValueError):
-                    pass
+            if sig not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(sig) not in (signal.SIG_DFL, None):
+                signal.signal(sig, signal.SIG_DFL)
+        stage = "start"
+        if os.read(go_r, 1) != b"g":
+            os._exit(1)  # pmond went away before letting us start
         stage = "exec " + spec.exe
         os.execve(spec.exe, spec.argv, env)
     except OSError as exc:
@@ -134,26 +136,23 @@ async def _read_some(fd: int) -> bytes:
             loop.remove_reader(fd)
 
 
-async def _reap(pid: int) -> None:
-    """Collect the intermediate child without blocking the loop (it exits right after its fork)."""
+def _reap_later(pid: int) -> None:
+    """Collect the intermediate child once it exits (right after its fork), without waiting for it."""
     loop = asyncio.get_running_loop()
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
         return
-    try:
-        done = loop.create_future()
-        loop.add_reader(fd, lambda: done.done() or done.set_result(None))
-        try:
-            await done
-        finally:
-            loop.remove_reader(fd)
+
+    def collect() -> None:
+        loop.remove_reader(fd)
+        os.close(fd)
         try:
             os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
             pass  # a subreaper's SIGCHLD handler was quicker
-    finally:
-        os.close(fd)
+
+    loop.add_reader(fd, collect)
 
 
 def _describe_failure(spec: LaunchSpec, payload: bytes) -> str:
@@ -202,12 +201,15 @@ async def launch(spec: LaunchSpec) -> Launched:
             buf += chunk
         grandchild = _PID.unpack(buf[: _PID.size])[0]
         rest = buf[_PID.size :]
-        # The grandchild is blocked on the go pipe, so this pid is certainly still it.
-        pidfd = os.pidfd_open(grandchild)
-        stat = procfs.read_stat(grandchild)
-        if stat is None:
-            raise SpawnError(f"cannot start {spec.argv[0]}: the new process vanished")
-        os.write(go_w, b"g")
+        # The grandchild cannot exec before the go, and if it failed its set-up it is at worst an
+        # unreaped zombie (init reaps late): either way this pid is still it.
+        stat = None
+        try:
+            pidfd = os.pidfd_open(grandchild)
+            stat = procfs.read_stat(grandchild)
+            os.write(go_w, b"g")
+        except (ProcessLookupError, BrokenPipeError):
+            pass  # it died in its set-up; its reason is on the status pipe
         os.close(go_w)
         go_w = -1
         while True:
@@ -217,6 +219,8 @@ async def launch(spec: LaunchSpec) -> Launched:
             rest += chunk
         if rest:
             raise SpawnError(_describe_failure(spec, rest))
+        if stat is None or pidfd < 0:
+            raise SpawnError(f"cannot start {spec.argv[0]}: the new process vanished")
         launched = Launched(grandchild, pidfd, stat.starttime, time.time())
         pidfd = -1
         return launched
@@ -226,4 +230,4 @@ async def launch(spec: LaunchSpec) -> Launched:
         os.close(status_r)
         if pidfd >= 0:
             os.close(pidfd)
-        await _reap(pid)
+        _reap_later(pid)
