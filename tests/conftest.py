@@ -171,7 +171,7 @@ class Pmon:
 
     def start_service(self, *args: str, **kwargs: Any) -> dict[str, Any]:
         """`pmon2 run ... --json`; returns the new service and checks that it runs."""
-        svc = self.json("run", *args, "--json", **kwargs)
+        svc = self.json("run", "--json", *args, **kwargs)
         assert svc["status"] == "running", svc
         assert is_alive(svc["pid"]), f"pid {svc['pid']} of {svc['name']} is not alive"
         return svc
@@ -209,9 +209,9 @@ class Pmon:
             assert value, f"condition broke: {message or getattr(predicate, '__name__', predicate)} ({value!r})"
             time.sleep(interval)
 
-    def wait_dead(self, pid: int, timeout: float = 5.0) -> None:
-        self.wait_for(lambda: not is_alive(pid), timeout, message=f"process {pid} to die "
-                      f"(state {proc_state(pid)!r})")
+    def wait_dead(self, pid: int, timeout: float = 5.0, what: str = "process") -> None:
+        self.wait_for(lambda: not is_alive(pid), timeout,
+                      message=lambda: f"{what} {pid} to die (state now {proc_state(pid)!r})")
 
     def wait_service(self, name: str, predicate: Callable[[dict[str, Any]], Any], timeout: float = 5.0,
                      what: str = "") -> dict[str, Any]:
@@ -223,9 +223,12 @@ class Pmon:
             seen[:] = [svc]
             return svc if predicate(svc) else None
 
-        return self.wait_for(check, timeout, interval=0.05,
-                             message=lambda: f"{name}: {what or 'condition'}; last state: "
-                             f"{ {k: seen[0].get(k) for k in ('status', 'pid', 'restarts', 'last_exit')} if seen else None}")
+        def last_state() -> str:
+            keys = ("status", "pid", "restarts", "last_exit")
+            state = {k: seen[0].get(k) for k in keys} if seen else None
+            return f"{name}: {what or 'condition'}; last state: {state}"
+
+        return self.wait_for(check, timeout, interval=0.05, message=last_state)
 
     # daemon and store
 

@@ -40,6 +40,9 @@ EXAMPLES = {
     "events": "pmon2 events api -n 20\n  pmon2 events --json",
     "why": "pmon2 why api",
     "daemon": "pmon2 daemon status --json",
+    "startup": "pmon2 startup            # root: system unit; others: systemctl --user unit\n"
+               "  pmon2 startup --print    # only show the unit",
+    "unstartup": "pmon2 unstartup",
 }
 
 # Flags of `run`: name -> (destination, takes a value). Long ones are recognised anywhere on the
@@ -383,6 +386,30 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_startup(args: argparse.Namespace) -> int:
+    from pmon2 import startup
+
+    try:
+        _say(startup.install(print_only=args.print))
+    except startup.NoSystemd as exc:
+        sys.stderr.write(f"pmon2: {exc.message}\n")
+        _say(exc.hint)
+        return 1
+    return 0
+
+
+def cmd_unstartup(args: argparse.Namespace) -> int:
+    from pmon2 import startup
+
+    try:
+        _say(startup.remove())
+    except startup.NoSystemd as exc:
+        sys.stderr.write(f"pmon2: {exc.message}\n")
+        _say(exc.hint)
+        return 1
+    return 0
+
+
 def _wait_gone(pid: int, timeout: float) -> None:
     import select
 
@@ -418,6 +445,7 @@ def _asks_help(tokens: list[str]) -> bool:
 COMMAND_NAMES = frozenset({
     "run", "exec", "ls", "list", "desc", "show", "start", "restart", "stop", "reload", "del", "delete", "log",
     "logf", "flush", "monit", "dash", "completion", "events", "why", "version", "daemon", "_names",
+    "startup", "unstartup",
 })
 
 
@@ -510,6 +538,9 @@ def build_parser(only: str | None = None) -> Parser:
     p = command("daemon", cmd_daemon, "start, stop or inspect pmond (stopping it never stops a service)")
     p.add_argument("action", choices=("start", "stop", "status"))
     p.add_argument("--json", action="store_true")
+    p = command("startup", cmd_startup, "start pmond at boot: write and enable a systemd unit for it")
+    p.add_argument("--print", action="store_true", help="print the unit and change nothing")
+    command("unstartup", cmd_unstartup, "disable and remove pmond's systemd unit (services keep running)")
     return parser
 
 

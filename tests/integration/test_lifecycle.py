@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -53,11 +54,11 @@ def test_crash_loop_backs_off_with_growing_gaps(pmon):
     assert svc["fast_exits"] >= 4 and svc["retry_at"] is not None
 
     times = pmon.start_times("crasher")[:5]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     for k, gap in enumerate(gaps):
         expected = 0.1 * 2**k
         assert gap >= expected * 0.9, f"gap {k} is {gap:.3f} s, backoff says at least {expected:g} s: {gaps}"
-    assert all(b > a for a, b in zip(gaps, gaps[1:], strict=False)), f"gaps do not grow: {gaps}"
+    assert all(b > a for a, b in itertools.pairwise(gaps)), f"gaps do not grow: {gaps}"
     assert gaps[-1] < 3.0, f"backoff far above plan: {gaps}"
     assert pmon.services()[0]["restarts"] >= 4
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -28,8 +29,8 @@ def test_stop_signals_the_whole_group(pmon):
     assert pmon.ppid(child) == shell
     out = pmon.run("stop", "group").stdout
     assert "group stopped" in out
-    pmon.wait_dead(shell, timeout=2.0)
-    pmon.wait_dead(child, timeout=2.0)
+    pmon.wait_dead(shell, timeout=2.0, what="the service (sh)")
+    pmon.wait_dead(child, timeout=2.0, what=f"the service's child (sleep), in group {pmon.pgrp(child)},")
     svc = pmon.desc("group")
     assert svc["status"] == "stopped" and svc["pid"] is None
 
@@ -145,7 +146,7 @@ def test_restart_never_runs_two_instances(pmon):
         assert svc["pid"] not in pids
         pids.append(svc["pid"])
         pmon.wait_for(listening(svc["pid"]), message=f"instance {i} to listen")
-        err = open(err_log).read() if __import__("os").path.exists(err_log) else ""
+        err = open(err_log).read() if os.path.exists(err_log) else ""
         assert "in use" not in err, f"two instances overlapped: {err}"
     svc = pmon.desc("port")
     assert svc["status"] == "running" and svc["restarts"] == 3 and svc["pid"] == pids[-1]

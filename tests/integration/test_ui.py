@@ -47,7 +47,7 @@ def test_every_command_has_help_with_an_example(pmon: Any) -> None:
     overview = pmon.run()
     assert overview.returncode == 0 and "run" in overview.stdout and "monit" in overview.stdout
     for command in ("run", "ls", "desc", "start", "stop", "restart", "reload", "del", "log", "logf", "flush",
-                    "events", "why", "monit", "completion", "version", "daemon"):
+                    "events", "why", "monit", "completion", "version", "daemon", "startup", "unstartup"):
         out = pmon.run(command, "--help").stdout
         assert "example:" in out and f"pmon2 {command}" in out, command
 
