@@ -163,7 +163,12 @@ class PidWatch:
 
 
 def kill_and_wait(pids: PidWatch, pid: int, number: int, timeout: float) -> tuple[float, int] | None:
-    """SIGKILL `pid`, then spin until a new process runs `sleep number`: (ms, new pid), or None."""
+    """SIGKILL `pid`, then poll until a new process runs `sleep number`: (ms, new pid), or None.
+
+    The loop yields the CPU between looks. A pure busy loop measures itself: the killed process is
+    woken on the poller's core and waits for the scheduler to preempt the poller, which added about
+    3 ms to every manager's figure here (kill to pidfd-readable: 3.3 ms spinning, 0.31 ms yielding,
+    0.30 ms blocked in poll)."""
     want = str(number).encode()
     candidates: list[int] = []
     pids.reset()
@@ -172,6 +177,7 @@ def kill_and_wait(pids: PidWatch, pid: int, number: int, timeout: float) -> tupl
     deadline = t0 + int(timeout * 1e9)
     spins = 0
     while True:
+        os.sched_yield()
         candidates.extend(pids.new())
         i = 0
         while i < len(candidates):

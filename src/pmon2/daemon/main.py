@@ -15,7 +15,7 @@ from typing import Any
 
 from pmon2 import __version__, paths
 from pmon2.config import Config, load
-from pmon2.daemon import watch
+from pmon2.daemon import spawn, watch
 from pmon2.daemon.api import Api
 from pmon2.daemon.server import HttpServer, PeerPolicy
 from pmon2.daemon.store import Store
@@ -144,6 +144,10 @@ async def serve(config: Config, subreaper: bool) -> None:
         except OSError as exc:
             log.warning("netlink proc connector unavailable (%s); using pidfd exit info", exc.strerror)
     watcher.use_pidfd_info = "pidfd" in sources
+    launcher = spawn.Launcher(loop)
+    if os.environ.get("PMON2_LAUNCHER", "1") != "0":  # 0: pmond forks every service itself (tests, ablation)
+        launcher.start()
+        spawn.use_launcher(launcher)
     supervisor = Supervisor(config, store, watcher)
 
     def info() -> dict[str, Any]:
@@ -181,6 +185,8 @@ async def serve(config: Config, subreaper: bool) -> None:
     if connector is not None:
         connector.close()
     supervisor.rotator.close()
+    launcher.close()
+    spawn.use_launcher(None)
     watcher.close()
     store.close()
 

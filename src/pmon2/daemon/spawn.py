@@ -1,27 +1,37 @@
 """Detached launch: each service in its own session, through a double fork, so its parent is init.
 
-The grandchild waits on a "go" pipe until pmond has opened a pidfd for it and read its start time:
-the pidfd therefore names the right process even if the pid were reused a moment later. Exec
-failures travel back on a close-on-exec status pipe, so a missing binary or a bad cwd reaches the
-user as an error instead of a crash loop.
+pmond asks its launcher process (see launcher.py) to fork an intermediate child, or forks it itself when
+the launcher is not there. The intermediate sets up the service's session, stdio, cwd and user, starts
+the service with posix_spawn, and reports the service's pid on a close-on-exec status pipe. It does not
+reap the service and waits for pmond's acknowledgement, so the pidfd pmond opens names the right
+process even if the service died at once. Set-up and exec failures come back on the same pipe, so a
+missing binary or a bad cwd reaches the user as an error instead of a crash loop.
+
+A launch is two steps: `begin` does the synchronous part (the request is on its way, or the fork is
+done) and `Pending.finish` waits for the report. pmond begins a restart before it writes the exit to
+its ledger, so the service comes back while the ledger is written.
 """
 
 from __future__ import annotations
 
+import _socket
 import asyncio
 import errno
+import logging
+import marshal
 import os
 import pwd
-import signal
-import struct
+import sys
 import time
 from dataclasses import dataclass, field
 
 from pmon2 import procfs
+from pmon2.daemon import launcher as launcher_code
 from pmon2.errors import SpawnError
 
-_PID = struct.Struct("=q")
-LOG_MODE = 0o640
+log = logging.getLogger("pmond")
+# After the launcher dies, wait this long before starting another one (forks from pmond meanwhile).
+LAUNCHER_RESTART_DELAY = 1.0
 
 
 @dataclass(frozen=True)
@@ -43,101 +53,272 @@ class Launched:
     started_at: float = field(default=0.0)
 
 
-@dataclass(frozen=True)
-class _Identity:
-    uid: int
-    gid: int
-    groups: list[int]
-    env: dict[str, str]
-
-
-def _identity(spec: LaunchSpec) -> _Identity | None:
-    if spec.user is None:
-        return None
-    try:
-        pw = pwd.getpwnam(spec.user)
-    except KeyError:
-        raise SpawnError(f"no such user: {spec.user}") from None
-    if pw.pw_uid == os.geteuid():
-        return None
-    if os.geteuid() != 0:
-        raise SpawnError(f"--user {spec.user} needs pmond to run as root")
-    env = dict(spec.env, HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name, SHELL=pw.pw_shell or "/bin/sh")
-    return _Identity(pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid), env)
-
-
-def _exec_grandchild(spec: LaunchSpec, ident: _Identity | None, status_w: int, go_r: int) -> None:
-    """Runs in the grandchild; never returns. It prepares everything while pmond opens its pidfd, then
-    waits for the go and execs at once: a restart costs one exec after the go, not the whole set-up."""
-    stage = "start"
-    try:
-        # Lead a process group of our own inside the new session (whose leader is the intermediate,
-        # already gone): stop can then signal the service and all its children with killpg(pid).
-        stage = "setpgid"
-        os.setpgid(0, 0)
-        stage = "stdin"
-        devnull = os.open("/dev/null", os.O_RDONLY)
-        stage = "log " + spec.out_log
-        out = os.open(spec.out_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, LOG_MODE)
-        stage = "log " + spec.err_log
-        err = out if spec.err_log == spec.out_log else os.open(
-            spec.err_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, LOG_MODE)
-        os.dup2(devnull, 0)
-        os.dup2(out, 1)
-        os.dup2(err, 2)
-        # Close everything else pmond had open (its socket, database, pidfds) but our two pipes.
-        low, high = sorted((status_w, go_r))
-        os.closerange(3, low)
-        os.closerange(low + 1, high)
-        os.closerange(high + 1, 1 << 20)
-        stage = "cwd " + spec.cwd
-        os.chdir(spec.cwd)
-        env = spec.env
-        if ident is not None:
-            stage = "user " + (spec.user or "")
-            os.setgroups(ident.groups)
-            os.setgid(ident.gid)
-            os.setuid(ident.uid)
-            env = ident.env
-        # Python ignores SIGPIPE and SIGXFSZ, and pmond handles a few; handlers other than the default
-        # survive exec as "ignored", so put back the default for every one Python knows is changed.
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        for sig in signal.valid_signals():
-            if sig not in (signal.SIGKILL, signal.SIGSTOP) and signal.getsignal(sig) not in (signal.SIG_DFL, None):
-                signal.signal(sig, signal.SIG_DFL)
-        stage = "start"
-        if os.read(go_r, 1) != b"g":
-            os._exit(1)  # pmond went away before letting us start
-        stage = "exec " + spec.exe
-        os.execve(spec.exe, spec.argv, env)
-    except OSError as exc:
-        msg = f"{stage}\0{exc.errno or 0}".encode()
+def _request(spec: LaunchSpec) -> tuple:  # type: ignore[type-arg]
+    """What the intermediate needs, with the user resolved here (pmond's errors are clearer)."""
+    ident = None
+    env = spec.env
+    if spec.user is not None:
         try:
-            os.write(status_w, msg)
+            pw = pwd.getpwnam(spec.user)
+        except KeyError:
+            raise SpawnError(f"no such user: {spec.user}") from None
+        if pw.pw_uid != os.geteuid():
+            if os.geteuid() != 0:
+                raise SpawnError(f"--user {spec.user} needs pmond to run as root")
+            env = dict(spec.env, HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name,
+                       SHELL=pw.pw_shell or "/bin/sh")
+            ident = (pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid))
+    return (spec.exe, list(spec.argv), dict(env), spec.cwd, spec.out_log, spec.err_log, ident)
+
+
+class Launcher:
+    """pmond's side of the launcher process: starts it, sends it requests, starts another if it dies."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.sock: _socket.socket | None = None
+        self.pid: int | None = None
+        self.pidfd = -1
+        self.ready = False
+        self.closed = False
+        self.restart_handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
+        try:
+            os.set_inheritable(theirs.fileno(), True)
+            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(launcher_code.__file__))))
+            code = (f"import sys; sys.path.insert(0, {root!r}); "
+                    f"from pmon2.daemon.launcher import serve; serve({theirs.fileno()})")
+            # posix_spawn: a vfork, so starting it costs pmond no copy of its memory.
+            self.pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-c", code], dict(os.environ))
+        except OSError as exc:
+            ours.close()
+            log.warning("cannot start the launcher (%s); pmond forks services itself", exc.strerror)
+            self._schedule_restart()
+            return
         finally:
-            os._exit(127)
-    except BaseException:
-        os._exit(127)
+            theirs.close()
+        self.sock = ours
+        self.pidfd = os.pidfd_open(self.pid)
+        ours.setblocking(False)
+        self.loop.add_reader(ours.fileno(), self._on_message)
+        self.loop.add_reader(self.pidfd, self._on_death)
+
+    def _on_message(self) -> None:
+        assert self.sock is not None
+        try:
+            data = self.sock.recv(16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data == b"R":
+            self.ready = True
+        elif not data:
+            self.loop.remove_reader(self.sock.fileno())
+            self.ready = False
+
+    def _on_death(self) -> None:
+        self.loop.remove_reader(self.pidfd)
+        os.close(self.pidfd)
+        self.pidfd = -1
+        try:
+            os.waitpid(self.pid or -1, os.WNOHANG)
+        except ChildProcessError:
+            pass  # our subreaper's SIGCHLD handler was quicker
+        if self.sock is not None:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()
+            self.sock = None
+        self.ready = False
+        if not self.closed:
+            log.warning("the launcher (pid %s) died; pmond forks services itself until another starts", self.pid)
+            self._schedule_restart()
+        self.pid = None
+
+    def _schedule_restart(self) -> None:
+        if not self.closed:
+            self.restart_handle = self.loop.call_later(LAUNCHER_RESTART_DELAY, self.start)
+
+    def send(self, req: bytes, fds: list[int]) -> bool:
+        """Hand a request to the launcher; False when it cannot take it (pmond then forks itself)."""
+        if not self.ready or self.sock is None or len(req) > launcher_code.MAX_REQUEST:
+            return False
+        try:
+            self.sock.sendmsg([req], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS,
+                                       b"".join(fd.to_bytes(4, sys.byteorder) for fd in fds))])
+        except OSError:  # full (BlockingIOError), too large (EMSGSIZE), or gone (EPIPE)
+            return False
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        if self.restart_handle is not None:
+            self.restart_handle.cancel()
+        if self.sock is not None:
+            self.loop.remove_reader(self.sock.fileno())
+            self.sock.close()  # the launcher exits when it reads the end of the socket
+            self.sock = None
+        if self.pidfd >= 0:
+            self.loop.remove_reader(self.pidfd)
+            # pmond is on its way out: wait (briefly) to reap the launcher rather than leave init a zombie.
+            import select
+
+            if select.select([self.pidfd], [], [], 1.0)[0] and self.pid is not None:
+                try:
+                    os.waitpid(self.pid, os.WNOHANG)
+                except ChildProcessError:
+                    pass
+            os.close(self.pidfd)
+            self.pidfd = -1
+
+
+_launcher: Launcher | None = None
+
+
+def use_launcher(launcher: Launcher | None) -> None:
+    global _launcher
+    _launcher = launcher
+
+
+class Pending:
+    """A launch under way: the intermediate exists, or its request is with the launcher."""
+
+    def __init__(self, spec: LaunchSpec, req: tuple) -> None:  # type: ignore[type-arg]
+        self.spec = spec
+        self.req = req
+        self.status_r = self.ack_w = -1
+        self.forked: int | None = None  # the intermediate's pid when pmond forked it itself
+        self._start(_launcher)
+
+    def _start(self, via: Launcher | None) -> None:
+        status_r, status_w = os.pipe2(os.O_CLOEXEC)
+        ack_r, ack_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            if via is None or not via.send(marshal.dumps(self.req), [status_w, ack_r]):
+                self.forked = _fork_intermediate(self.req, status_r, status_w, ack_r, ack_w)
+        except BaseException:
+            os.close(status_r)
+            os.close(ack_w)
+            raise
+        finally:
+            os.close(status_w)
+            os.close(ack_r)
+        os.set_blocking(status_r, False)
+        self.status_r, self.ack_w = status_r, ack_w
+
+    async def _report(self) -> bytes:
+        msg = b""
+        while not (msg[:1] == b"P" and len(msg) >= launcher_code.REPORT_SIZE):
+            chunk = await _read_some(self.status_r)
+            if not chunk:
+                break
+            msg += chunk
+        return msg
+
+    async def finish(self) -> Launched:
+        spec = self.spec
+        pidfd = inter_fd = -1
+        try:
+            msg = await self._report()
+            if not msg and self.forked is None:
+                # The launcher died with our request in it: fork the intermediate ourselves.
+                self._close()
+                self._start(None)
+                msg = await self._report()
+            if msg[:1] != b"P":
+                if msg[:1] == b"E":
+                    raise SpawnError(_describe_failure(spec, msg[1:]))
+                raise SpawnError(f"cannot start {spec.argv[0]}: the intermediate process died")
+            service, inter = launcher_code.unpack_report(msg)
+            # The intermediate never reaps the service and waits for our ack, so even a service that died
+            # at once is still this pid (a zombie at worst): the pidfd and start time name the right process.
+            try:
+                inter_fd = os.pidfd_open(inter)
+                pidfd = os.pidfd_open(service)
+            except ProcessLookupError:
+                raise SpawnError(f"cannot start {spec.argv[0]}: the new process vanished") from None
+            stat = procfs.read_stat(service)
+            if stat is None:
+                raise SpawnError(f"cannot start {spec.argv[0]}: the new process vanished")
+            os.write(self.ack_w, b"g")
+            launched = Launched(service, pidfd, stat.starttime, time.time())
+            pidfd = -1
+            # Return once the intermediate is gone, so the service's parent is already init (or our
+            # subreaper) when the caller looks.
+            await _readable(inter_fd)
+            return launched
+        finally:
+            self._close()
+            if pidfd >= 0:
+                os.close(pidfd)
+            if inter_fd >= 0:
+                os.close(inter_fd)
+
+    def abort(self) -> None:
+        """Give up: without our ack the intermediate kills the service it may have started."""
+        self._close()
+
+    def _close(self) -> None:
+        if self.ack_w >= 0:
+            os.close(self.ack_w)
+            self.ack_w = -1
+        if self.status_r >= 0:
+            os.close(self.status_r)
+            self.status_r = -1
+        if self.forked is not None:
+            _reap_later(self.forked)
+            self.forked = None
+
+
+def begin(spec: LaunchSpec) -> Pending:
+    """Start launching: the fork (or the request to the launcher) is done when this returns."""
+    return Pending(spec, _request(spec))
+
+
+async def launch(spec: LaunchSpec) -> Launched:
+    return await begin(spec).finish()
+
+
+def _fork_intermediate(req: tuple, status_r: int, status_w: int, ack_r: int, ack_w: int) -> int:  # type: ignore[type-arg]
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        raise SpawnError(f"cannot fork: {exc.strerror}") from None
+    if pid == 0:
+        code = 127
+        try:
+            os.close(status_r)
+            os.close(ack_w)
+            code = launcher_code.intermediate(req, status_w, ack_r)
+        finally:
+            os._exit(code)
+    return pid
+
+
+async def _readable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(fd, ready.set_result, None)
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
 
 
 async def _read_some(fd: int) -> bytes:
     """Wait until `fd` is readable and read what is there; b"" at end of file."""
-    loop = asyncio.get_running_loop()
     while True:
         try:
             return os.read(fd, 4096)
         except BlockingIOError:
             pass
-        ready = loop.create_future()
-        loop.add_reader(fd, ready.set_result, None)
-        try:
-            await ready
-        finally:
-            loop.remove_reader(fd)
+        await _readable(fd)
 
 
 def _reap_later(pid: int) -> None:
-    """Collect the intermediate child once it exits (right after its fork), without waiting for it."""
+    """Collect an intermediate pmond forked itself once it exits, without waiting for it."""
     loop = asyncio.get_running_loop()
     try:
         fd = os.pidfd_open(pid)
@@ -163,71 +344,6 @@ def _describe_failure(spec: LaunchSpec, payload: bytes) -> str:
         reason = "unknown error"
     if stage.startswith("exec ") and code == str(errno.ENOENT):
         return f"cannot start {spec.argv[0]}: no such file: {spec.exe}"
+    if stage == "user":
+        stage = f"user {spec.user}"
     return f"cannot start {spec.argv[0]}: {stage}: {reason}"
-
-
-async def launch(spec: LaunchSpec) -> Launched:
-    ident = _identity(spec)
-    status_r, status_w = os.pipe2(os.O_CLOEXEC)
-    go_r, go_w = os.pipe2(os.O_CLOEXEC)
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        for fd in (status_r, status_w, go_r, go_w):
-            os.close(fd)
-        raise SpawnError(f"cannot fork: {exc.strerror}") from None
-    if pid == 0:  # the intermediate child
-        try:
-            os.close(status_r)
-            os.close(go_w)
-            os.setsid()
-            grandchild = os.fork()
-            if grandchild == 0:
-                _exec_grandchild(spec, ident, status_w, go_r)
-            os.write(status_w, _PID.pack(grandchild))
-        finally:
-            os._exit(0)
-
-    os.close(status_w)
-    os.close(go_r)
-    os.set_blocking(status_r, False)
-    pidfd = -1
-    try:
-        buf = b""
-        while len(buf) < _PID.size:
-            chunk = await _read_some(status_r)
-            if not chunk:
-                raise SpawnError(f"cannot start {spec.argv[0]}: the launcher died")
-            buf += chunk
-        grandchild = _PID.unpack(buf[: _PID.size])[0]
-        rest = buf[_PID.size :]
-        # The grandchild cannot exec before the go, and if it failed its set-up it is at worst an
-        # unreaped zombie (init reaps late): either way this pid is still it.
-        stat = None
-        try:
-            pidfd = os.pidfd_open(grandchild)
-            stat = procfs.read_stat(grandchild)
-            os.write(go_w, b"g")
-        except (ProcessLookupError, BrokenPipeError):
-            pass  # it died in its set-up; its reason is on the status pipe
-        os.close(go_w)
-        go_w = -1
-        while True:
-            chunk = await _read_some(status_r)
-            if not chunk:
-                break
-            rest += chunk
-        if rest:
-            raise SpawnError(_describe_failure(spec, rest))
-        if stat is None or pidfd < 0:
-            raise SpawnError(f"cannot start {spec.argv[0]}: the new process vanished")
-        launched = Launched(grandchild, pidfd, stat.starttime, time.time())
-        pidfd = -1
-        return launched
-    finally:
-        if go_w >= 0:
-            os.close(go_w)
-        os.close(status_r)
-        if pidfd >= 0:
-            os.close(pidfd)
-        _reap_later(pid)

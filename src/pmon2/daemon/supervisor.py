@@ -274,13 +274,18 @@ class Supervisor:
 
     # the process lifecycle
 
-    async def _start(self, svc: Service, *, user_initiated: bool, restart: bool = False) -> None:
-        self._cancel_retry(svc)
+    def _launch_spec(self, svc: Service) -> spawn.LaunchSpec:
         s = svc.spec
-        launch_spec = spawn.LaunchSpec(exe=s["exe"], argv=s["argv"], cwd=s["cwd"], env=s["env"],
-                                       out_log=s["out_log"], err_log=s["err_log"], user=s["user"])
+        return spawn.LaunchSpec(exe=s["exe"], argv=s["argv"], cwd=s["cwd"], env=s["env"],
+                                out_log=s["out_log"], err_log=s["err_log"], user=s["user"])
+
+    async def _start(self, svc: Service, *, user_initiated: bool, restart: bool = False,
+                     pending: spawn.Pending | None = None) -> None:
+        self._cancel_retry(svc)
         try:
-            launched = await spawn.launch(launch_spec)
+            if pending is None:
+                pending = spawn.begin(self._launch_spec(svc))
+            launched = await pending.finish()
         except SpawnError as exc:
             svc.last_error = exc.message
             retry_in = self._transition(svc, Trigger.SPAWN_FAILED, user_initiated=user_initiated)
@@ -331,25 +336,33 @@ class Supervisor:
                          "source": "pending", "pid": pid}
         svc.pid = None
         svc.started_at = None
-        ev = self._event(svc, "exit", f"process {pid} exited after {fmt_runtime(runtime)}, status pending",
-                         pid=pid, runtime_s=svc.last_exit["runtime_s"])
         if svc.status is Status.STOPPING:
+            ev = self._exit_event(svc, pid, runtime)
             self._transition(svc, Trigger.STOPPED)
             self._save(svc, "status", "pid", "started_at", "last_exit")
             return ev, runtime
         retry_in = self._transition(svc, Trigger.EXIT, runtime=runtime)
         svc.retry_at = now + retry_in if retry_in is not None else None
+        if retry_in == 0:
+            # The new process first, the ledger after: the launch runs while the rows are written.
+            pending = None
+            try:
+                pending = spawn.begin(self._launch_spec(svc))
+            except SpawnError:
+                pass  # _start tries again, and records the failure
+            self._spawn_task(self._auto_start(svc, svc.generation, restart=True, pending=pending))
+        ev = self._exit_event(svc, pid, runtime)
         self._save(svc, "status", "pid", "started_at", "last_exit", "fast_exits", "retry_at")
-        if retry_in is None:
-            return ev, runtime
-        if retry_in > 0:
+        if retry_in is not None and retry_in > 0:
             self._event(svc, "backoff", f"died {svc.fast_exits} times in a row within "
                         f"{svc.policy.min_uptime:g} s: next start in {retry_in:g} s", delay_s=retry_in,
                         fast_exits=svc.fast_exits)
             self._schedule_retry(svc, retry_in)
-        else:
-            self._spawn_task(self._auto_start(svc, svc.generation, restart=True))
         return ev, runtime
+
+    def _exit_event(self, svc: Service, pid: int, runtime: float | None) -> int | None:
+        return self._event(svc, "exit", f"process {pid} exited after {fmt_runtime(runtime)}, status pending",
+                           pid=pid, runtime_s=svc.last_exit["runtime_s"] if svc.last_exit else None)
 
     def _on_status(self, svc: Service, pid: int, status: watch.ExitStatus, event_id: int | None,
                    runtime: float | None) -> None:
@@ -383,16 +396,21 @@ class Supervisor:
             svc.retry_handle.cancel()
             svc.retry_handle = None
 
-    async def _auto_start(self, svc: Service, gen: int, restart: bool) -> None:
-        async with svc.lock:
-            # A user may have stopped, restarted or deleted it while we waited.
-            if (svc.id not in self.services or svc.generation != gen or svc.status is not Status.BACKOFF
-                    or svc.desired != "running"):
-                return
-            try:
-                await self._start(svc, user_initiated=False, restart=restart)
-            except SpawnError:
-                pass  # recorded, and a retry is scheduled
+    async def _auto_start(self, svc: Service, gen: int, restart: bool, pending: spawn.Pending | None = None) -> None:
+        try:
+            async with svc.lock:
+                # A user may have stopped, restarted or deleted it while we waited.
+                if (svc.id not in self.services or svc.generation != gen or svc.status is not Status.BACKOFF
+                        or svc.desired != "running"):
+                    return
+                launching, pending = pending, None
+                try:
+                    await self._start(svc, user_initiated=False, restart=restart, pending=launching)
+                except SpawnError:
+                    pass  # recorded, and a retry is scheduled
+        finally:
+            if pending is not None:
+                pending.abort()  # not wanted any more: the intermediate kills what it started
 
     async def _terminate(self, svc: Service, force: bool) -> None:
         """Stop the process and wait until it is really gone (its pidfd said so)."""

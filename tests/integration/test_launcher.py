@@ -1,0 +1,121 @@
+"""pmond's launcher process: services start through it, and without it (killed, or turned off) as well."""
+
+from __future__ import annotations
+
+import marshal
+import os
+import signal
+import sys
+from pathlib import Path
+
+from pmon2.daemon import launcher
+
+
+def comm(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return None
+
+
+def launcher_of(pmon) -> int | None:
+    daemon = pmon.daemon_pid()
+    found = [p for p in pmon.children_of(daemon) if comm(p) == "pmond-launcher" and pmon.is_alive(p)]
+    return found[0] if found else None
+
+
+def crash_restarts(pmon, name: str) -> None:
+    old = pmon.services()[0]["pid"]
+    os.kill(old, signal.SIGKILL)
+    svc = pmon.wait_service(name, lambda s: s["pid"] not in (None, old) and s["status"] == "running",
+                            timeout=2.0, what="a new pid after SIGKILL")
+    assert pmon.ppid(svc["pid"]) == 1 and pmon.pgrp(svc["pid"]) == svc["pid"]
+
+
+def test_services_start_through_a_launcher_child_of_pmond(pmon):
+    pmon.start_service("sleep", "36001", "--name", "via")
+    helper = pmon.wait_for(lambda: launcher_of(pmon), message="a pmond-launcher child of pmond")
+    crash_restarts(pmon, "via")
+    assert launcher_of(pmon) == helper, "the launcher should serve every launch, not be replaced"
+    # The launcher is the parent of no service: they belong to init.
+    assert all(pmon.ppid(p) != helper for p in pmon.service_pids())
+
+
+def test_a_killed_launcher_is_replaced_and_launches_go_on_meanwhile(pmon):
+    pmon.start_service("sleep", "36002", "--name", "orphaned")
+    helper = pmon.wait_for(lambda: launcher_of(pmon), message="the launcher")
+    os.kill(helper, signal.SIGKILL)
+    pmon.wait_dead(helper, what="the killed launcher")
+    crash_restarts(pmon, "orphaned")  # pmond forks the service itself meanwhile
+    fresh = pmon.wait_for(lambda: launcher_of(pmon) not in (None, helper) and launcher_of(pmon), timeout=5.0,
+                          message="a new launcher")
+    crash_restarts(pmon, "orphaned")
+    assert pmon.is_alive(fresh)
+    assert pmon.services()[0]["restarts"] == 2
+
+
+def test_without_the_launcher_pmond_forks_services_itself(pmon):
+    pmon.env["PMON2_LAUNCHER"] = "0"
+    pmon.start_service("sleep", "36003", "--name", "direct")
+    assert launcher_of(pmon) is None
+    crash_restarts(pmon, "direct")
+    proc = pmon.run("run", "/nonexistent/binary", check=False)
+    assert proc.returncode == 1 and "no such file" in proc.stderr
+
+
+def test_daemon_stop_takes_its_launcher_along(pmon):
+    pmon.start_service("sleep", "36004", "--name", "stays")
+    helper = pmon.wait_for(lambda: launcher_of(pmon), message="the launcher")
+    svc_pid = pmon.services()[0]["pid"]
+    pmon.run("daemon", "stop")
+    pmon.wait_dead(helper, what="the launcher of a stopped pmond")
+    assert pmon.is_alive(svc_pid)
+
+
+def test_intermediate_kills_the_service_when_pmond_never_acknowledges(tmp_path):
+    """pmond died between the launch and its pidfd: no process may stay behind that nobody knows of."""
+    status_r, status_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    req = ("/bin/sleep", ["sleep", "36005"], dict(os.environ), str(tmp_path), str(tmp_path / "out"),
+           str(tmp_path / "err"), None)
+    child = os.fork()
+    if child == 0:
+        code = 127
+        try:
+            os.close(status_r)
+            os.close(ack_w)
+            code = launcher.intermediate(marshal.loads(marshal.dumps(req)), status_w, ack_r)
+        finally:
+            os._exit(code)
+    os.close(status_w)
+    os.close(ack_r)
+    report = os.read(status_r, 64)
+    service, inter = launcher.unpack_report(report)
+    assert inter == child and report[:1] == b"P"
+    pidfd = os.pidfd_open(service)
+    try:
+        os.close(ack_w)  # pmond "died": no ack
+        _, status = os.waitpid(child, 0)
+        assert os.WEXITSTATUS(status) == 1
+        import select
+
+        assert select.select([pidfd], [], [], 5.0)[0], "the unacknowledged service is still running"
+    finally:
+        os.close(pidfd)
+        os.close(status_r)
+        try:
+            os.kill(service, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_launcher_module_imports_nothing_heavy():
+    code = ("import sys, pmon2.daemon.launcher; "
+            "print(' '.join(m for m in ('asyncio', 'sqlite3', 'logging', 'h11', 'socket', 'typing') "
+            "if m in sys.modules))")
+    import subprocess
+
+    src = str(Path(launcher.__file__).parents[2])
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", f"import sys; sys.path.insert(0, {src!r}); {code}"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "", f"the launcher's import pulls in: {out}"
