@@ -90,10 +90,13 @@ class Reaper:
 
 
 def exit_status_sources() -> set[str]:
-    """PMON2_EXIT_STATUS=none turns off every source (to test the "unknown" path); default: all."""
+    """PMON2_EXIT_STATUS=none turns off every source (to test the "unknown" path), a list picks some.
+
+    By default the proc connector is used only where pidfds cannot tell an exit status (before Linux
+    6.15): it hears every exit on the machine, and each one wakes pmond."""
     value = os.environ.get("PMON2_EXIT_STATUS", "auto").strip().lower()
     if value in ("", "auto"):
-        return {"proc_connector", "pidfd", "waitpid"}
+        return {"pidfd", "waitpid"} if watch.PidfdInfo.probe() else {"proc_connector", "pidfd", "waitpid"}
     if value == "none":
         return set()
     return {v.strip() for v in value.split(",")}

@@ -73,6 +73,28 @@ class PidfdInfo:
     supported = True
 
     @classmethod
+    def probe(cls) -> bool:
+        """Whether this kernel reports exit statuses through pidfds (6.15+, or a backport): a child that
+        exits at once and is reaped here must come back with PIDFD_INFO_EXIT. A version check would
+        miss backports; this costs one fork, once."""
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            os.waitpid(pid, 0)
+            cls.supported = False
+            return False
+        try:
+            os.waitpid(pid, 0)
+            status = cls.exit_status(fd)
+        finally:
+            os.close(fd)
+        cls.supported = status is not None and status.code == 7
+        return cls.supported
+
+    @classmethod
     def exit_status(cls, pidfd: int) -> ExitStatus | None:
         if not cls.supported:
             return UNKNOWN
