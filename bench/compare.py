@@ -100,6 +100,28 @@ def status_field(pid: int, name: str) -> int | None:
     return None
 
 
+def pss_kib(pid: int) -> int | None:
+    text = read_bytes(f"/proc/{pid}/smaps_rollup")
+    for line in (text or b"").decode().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1])
+    return None
+
+
+def helpers(pid: int) -> list[int]:
+    """The daemon's descendants that are not services (pmond's launcher and the child it forks ahead)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        kids = read_bytes(f"/proc/{p}/task/{p}/children") or b""
+        for k in map(int, kids.split()):
+            cl = read_bytes(f"/proc/{k}/cmdline") or b""
+            if not cl.startswith(b"sleep\0") and SLEEP.encode() not in cl.split(b"\0")[0]:
+                out.append(k)
+                todo.append(k)
+    return out
+
+
 def cpu_figures(pid: int) -> dict[str, int] | None:
     """CPU time of a process: ticks (utime+stime, all threads ever) and ns and context switches summed
     over its live threads (schedstat: ns precision, where 10 ms ticks are too coarse for idle)."""
@@ -503,10 +525,19 @@ def idle_all(mgrs: list[Manager], seconds: float, settle: float, pids: PidWatch)
     time.sleep(settle)
     daemons = {m.name: m.remember_daemon() for m in mgrs}
     load_a = os.getloadavg()[0]
-    before = {n: cpu_figures(p) for n, p in daemons.items()}
+    def figures(pid: int) -> dict[str, int] | None:
+        """The daemon's CPU plus its helper processes' (which sleep when idle, but say so)."""
+        own = cpu_figures(pid)
+        for h in helpers(pid) if own else []:
+            more = cpu_figures(h)
+            for key in ("ns", "ticks", "ctxt") if more else ():
+                own[key] += more[key]  # type: ignore[index,operator]
+        return own
+
+    before = {n: figures(p) for n, p in daemons.items()}
     last_a, t_a = pids.last_pid(), time.monotonic()
     time.sleep(seconds)
-    after = {n: cpu_figures(p) for n, p in daemons.items()}
+    after = {n: figures(p) for n, p in daemons.items()}
     last_b, t_b = pids.last_pid(), time.monotonic()
     dt = t_b - t_a
     spawned = (last_b - last_a) % pids.pid_max if last_a is not None and last_b is not None else None
@@ -516,7 +547,13 @@ def idle_all(mgrs: list[Manager], seconds: float, settle: float, pids: PidWatch)
         if a is None or b is None:
             raise RuntimeError(f"{name}: daemon {pid} vanished during the idle window")
         rss = status_field(pid, "VmRSS")
+        extra = helpers(pid)
+        extra_rss = sum(status_field(h, "VmRSS") or 0 for h in extra)
+        pss = [pss_kib(x) for x in (pid, *extra)]
         out[name] = {"rss_kib": rss, "rss_mib": round(rss / 1024, 2) if rss else None,
+                     "helpers": len(extra), "helpers_rss_mib": round(extra_rss / 1024, 2),
+                     "pss_mib": round(pss[0] / 1024, 2) if pss[0] else None,
+                     "pss_with_helpers_mib": round(sum(x or 0 for x in pss) / 1024, 2) if pss[0] else None,
                      "cpu_pct": round(100 * (b["ns"] - a["ns"]) / (dt * 1e9), 4),
                      "cpu_pct_ticks": round(100 * (b["ticks"] - a["ticks"]) / CLK_TCK / dt, 4),
                      "wakeups_per_s": round((b["ctxt"] - a["ctxt"]) / dt, 2), "threads": b["threads"],
@@ -808,6 +845,10 @@ def print_table(report: dict[str, object]) -> None:
             or "-")
     for size in ["0", *map(str, report["settings"]["sizes"])]:  # type: ignore[index]
         row(f"daemon RSS, {size} svc: MiB", lambda r, s=size: fmt(get(r, "idle", s, "rss_mib")))
+    for size in ["0", *map(str, report["settings"]["sizes"])]:  # type: ignore[index]
+        row(f"daemon + helper processes, {size} svc: PSS MiB (helpers' RSS)",
+            lambda r, s=size: "-" if get(r, "idle", s) is None else
+            f"{fmt(get(r, 'idle', s, 'pss_with_helpers_mib'))} ({fmt(get(r, 'idle', s, 'helpers_rss_mib'))})")
     for size in ["0", *map(str, report["settings"]["sizes"])]:  # type: ignore[index]
         row(f"idle CPU, {size} svc: % core (wakeups/s)",
             lambda r, s=size: "-" if get(r, "idle", s) is None else
