@@ -43,6 +43,7 @@ ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, ".peers")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SLEEP = shutil.which("sleep") or "/usr/bin/sleep"
+KEEP_HOMES = False  # --keep-homes: leave each manager's scratch home (its logs) for a post-mortem
 MARK_VAR = "PMON2_BENCH_RUN"  # set in the environment of everything the bench starts
 
 # /proc
@@ -205,8 +206,8 @@ def kill_and_wait(pids: PidWatch, pid: int, number: int, timeout: float) -> tupl
         while i < len(candidates):
             c = candidates[i]
             cl = read_bytes(f"/proc/{c}/cmdline")
-            if cl is None:
-                candidates.pop(i)  # gone
+            if cl is None and not os.path.exists(f"/proc/{c}"):
+                candidates.pop(i)  # gone (a failed read of a live process, mid-exec, is tried again)
                 continue
             if cl.endswith(b"\0" + want + b"\0") and sleep_number(cl) == number:
                 return (time.perf_counter_ns() - t0) / 1e6, c
@@ -331,7 +332,8 @@ class Manager:
                 with contextlib.suppress(OSError):
                     os.kill(p, signal.SIGKILL)
             time.sleep(0.2)
-        shutil.rmtree(self.home, ignore_errors=True)
+        if not KEEP_HOMES:
+            shutil.rmtree(self.home, ignore_errors=True)
 
 
 class Pmon2(Manager):
@@ -894,8 +896,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dup-services", type=int, default=20, help="services for the daemon-kill test")
     ap.add_argument("--pmon2-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment for pmon2's CLI and pmond (for ablations, e.g. PMON2_EXIT_STATUS=pidfd)")
+    ap.add_argument("--keep-homes", action="store_true", help="keep each manager's scratch home (logs) at the end")
     ap.add_argument("--json", default=os.path.join(HERE, "results.json"), help="where to write the results")
     args = ap.parse_args(argv)
+    global KEEP_HOMES
+    KEEP_HOMES = args.keep_homes
 
     if args.install_peers:
         install_peers(args.pm2_spec, args.supervisor_spec)

@@ -49,14 +49,19 @@ def parse_stat(pid: int, text: str) -> Stat:
 
 
 def read_stat(pid: int, proc: str = "/proc") -> Stat | None:
+    # os.open/os.read, not open(): the text-mode io stack was 70 % of the 17.5 µs of a read, and `ls`
+    # reads one per service.
     try:
-        with open(f"{proc}/{pid}/stat") as fh:
-            text = fh.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
+        fd = os.open(f"{proc}/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
-    return parse_stat(pid, text)
+    try:
+        data = os.read(fd, 4096)
+    except OSError:  # ESRCH: the process went away between the open and the read
+        return None
+    finally:
+        os.close(fd)
+    return parse_stat(pid, data.decode(errors="replace")) if data else None
 
 
 @cache

@@ -43,6 +43,15 @@ def test_unknown_service_suggests_the_close_name(pmon: Any) -> None:
     assert proc.stderr.strip() == "pmon2: no service 'apy'; did you mean 'api'?"
 
 
+def test_unknown_command_suggests_the_close_one(pmon: Any) -> None:
+    proc = pmon.run("restrat", "api", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr == "pmon2: unknown command 'restrat'; did you mean 'restart'? (see 'pmon2 --help')\n"
+    proc = pmon.run("zzz", check=False)
+    assert proc.returncode == 2 and "one of " in proc.stderr and "_names" not in proc.stderr
+    assert not pmon.pidfile.exists(), "a mistyped command must not start pmond"
+
+
 def test_every_command_has_help_with_an_example(pmon: Any) -> None:
     overview = pmon.run()
     assert overview.returncode == 0 and "run" in overview.stdout and "monit" in overview.stdout
