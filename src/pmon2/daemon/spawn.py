@@ -30,8 +30,10 @@ from pmon2.daemon import launcher as launcher_code
 from pmon2.errors import SpawnError
 
 log = logging.getLogger("pmond")
-# After the launcher dies, wait this long before starting another one (forks from pmond meanwhile).
+# After the launcher dies, wait this long before starting another one (pmond forks services itself
+# meanwhile); doubled at each failure in a row, so a launcher that cannot start does not fill the log.
 LAUNCHER_RESTART_DELAY = 1.0
+LAUNCHER_RESTART_MAX = 300.0
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,7 @@ class Launcher:
         self.ready = False
         self.closed = False
         self.restart_handle: asyncio.TimerHandle | None = None
+        self.restart_delay = LAUNCHER_RESTART_DELAY
 
     def start(self) -> None:
         ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
@@ -92,9 +95,10 @@ class Launcher:
                     f"from pmon2.daemon.launcher import serve; serve({theirs.fileno()})")
             # posix_spawn: a vfork, so starting it costs pmond no copy of its memory.
             self.pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-c", code], dict(os.environ))
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: no sys.executable to run
             ours.close()
-            log.warning("cannot start the launcher (%s); pmond forks services itself", exc.strerror)
+            log.warning("cannot start the launcher (%s); pmond forks services itself",
+                        getattr(exc, "strerror", None) or exc)
             self._schedule_restart()
             return
         finally:
@@ -115,6 +119,7 @@ class Launcher:
             data = b""
         if data == b"R":
             self.ready = True
+            self.restart_delay = LAUNCHER_RESTART_DELAY
         elif not data:
             self.loop.remove_reader(self.sock.fileno())
             self.ready = False
@@ -133,13 +138,15 @@ class Launcher:
             self.sock = None
         self.ready = False
         if not self.closed:
-            log.warning("the launcher (pid %s) died; pmond forks services itself until another starts", self.pid)
+            log.warning("the launcher (pid %s) died; pmond forks services itself until another starts in %g s",
+                        self.pid, self.restart_delay)
             self._schedule_restart()
         self.pid = None
 
     def _schedule_restart(self) -> None:
         if not self.closed:
-            self.restart_handle = self.loop.call_later(LAUNCHER_RESTART_DELAY, self.start)
+            self.restart_handle = self.loop.call_later(self.restart_delay, self.start)
+            self.restart_delay = min(self.restart_delay * 2, LAUNCHER_RESTART_MAX)
 
     def send(self, req: bytes, fds: list[int]) -> bool:
         """Hand a request to the launcher; False when it cannot take it (pmond then forks itself)."""
