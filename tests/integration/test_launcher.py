@@ -63,12 +63,16 @@ def test_without_the_launcher_pmond_forks_services_itself(pmon):
     assert proc.returncode == 1 and "no such file" in proc.stderr
 
 
-def test_daemon_stop_takes_its_launcher_along(pmon):
+def test_daemon_stop_takes_its_launcher_along_and_reaps_it(pmon):
     pmon.start_service("sleep", "36004", "--name", "stays")
     helper = pmon.wait_for(lambda: launcher_of(pmon), message="the launcher")
+    ahead = pmon.wait_for(lambda: pmon.children_of(helper), message="the child forked ahead")[0]
     svc_pid = pmon.services()[0]["pid"]
     pmon.run("daemon", "stop")
-    pmon.wait_dead(helper, what="the launcher of a stopped pmond")
+    # Reaped by their parents before pmond exits, not left to init as zombies (init reaps late here).
+    for pid, what in ((helper, "the launcher"), (ahead, "the launcher's child")):
+        pmon.wait_for(lambda p=pid: not Path(f"/proc/{p}").exists(), timeout=0.5,
+                      message=f"{what} ({pid}) reaped, not a zombie: state {pmon.proc_state(pid)}")
     assert pmon.is_alive(svc_pid)
 
 

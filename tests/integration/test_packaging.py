@@ -168,6 +168,9 @@ def test_deb_unit_and_maintainer_scripts(dist: dict[str, Path], deb_tree: Path, 
     prerm = scripts["prerm"]
     assert re.findall(r"^(\S+)\)$", prerm, re.M) == ["remove"]  # not on upgrade
     assert "systemctl stop pmond.service" in prerm and "systemctl disable pmond.service" in prerm
+    # Without systemd, a pmond that the CLI started is restarted on the new code, and stopped on removal.
+    assert "daemon stop" in scripts["postinst"] and "daemon start" in scripts["postinst"]
+    assert "daemon stop" in prerm
 
 
 @needs_system_python

@@ -158,6 +158,10 @@ def serve(fd: int) -> None:
         finally:
             os.close(note_r)
         if note == b"q":
+            try:
+                os.waitpid(pid, 0)  # it exits right after saying so: reap it rather than leave init a zombie
+            except ChildProcessError:
+                pass  # our SIGCHLD handler was quicker
             return
 
 

@@ -147,11 +147,11 @@ async def serve(config: Config, subreaper: bool) -> None:
         except OSError as exc:
             log.warning("netlink proc connector unavailable (%s); using pidfd exit info", exc.strerror)
     watcher.use_pidfd_info = "pidfd" in sources
-    launcher = spawn.Launcher(loop)
+    launcher = None
     if os.environ.get("PMON2_LAUNCHER", "1") != "0":  # 0: pmond forks every service itself (tests, ablation)
+        launcher = spawn.Launcher(loop)
         launcher.start()
-        spawn.use_launcher(launcher)
-    supervisor = Supervisor(config, store, watcher)
+    supervisor = Supervisor(config, store, watcher, launcher)
 
     def info() -> dict[str, Any]:
         return {"version": __version__, "pid": os.getpid(), "socket": str(config.paths.socket),
@@ -188,8 +188,8 @@ async def serve(config: Config, subreaper: bool) -> None:
     if connector is not None:
         connector.close()
     supervisor.rotator.close()
-    launcher.close()
-    spawn.use_launcher(None)
+    if launcher is not None:
+        launcher.close()
     watcher.close()
     store.close()
 

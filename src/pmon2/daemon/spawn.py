@@ -181,23 +181,15 @@ class Launcher:
             self.pidfd = -1
 
 
-_launcher: Launcher | None = None
-
-
-def use_launcher(launcher: Launcher | None) -> None:
-    global _launcher
-    _launcher = launcher
-
-
 class Pending:
     """A launch under way: the intermediate exists, or its request is with the launcher."""
 
-    def __init__(self, spec: LaunchSpec, req: tuple) -> None:  # type: ignore[type-arg]
+    def __init__(self, spec: LaunchSpec, req: tuple, via: Launcher | None) -> None:  # type: ignore[type-arg]
         self.spec = spec
         self.req = req
         self.status_r = self.ack_w = -1
         self.forked: int | None = None  # the intermediate's pid when pmond forked it itself
-        self._start(_launcher)
+        self._start(via)
 
     def _start(self, via: Launcher | None) -> None:
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
@@ -279,13 +271,14 @@ class Pending:
             self.forked = None
 
 
-def begin(spec: LaunchSpec) -> Pending:
-    """Start launching: the fork (or the request to the launcher) is done when this returns."""
-    return Pending(spec, _request(spec))
+def begin(spec: LaunchSpec, via: Launcher | None = None) -> Pending:
+    """Start launching, through the launcher when it can take the request: the request is sent (or the
+    intermediate forked) when this returns."""
+    return Pending(spec, _request(spec), via)
 
 
-async def launch(spec: LaunchSpec) -> Launched:
-    return await begin(spec).finish()
+async def launch(spec: LaunchSpec, via: Launcher | None = None) -> Launched:
+    return await begin(spec, via).finish()
 
 
 def _fork_intermediate(req: tuple, status_r: int, status_w: int, ack_r: int, ack_w: int) -> int:  # type: ignore[type-arg]

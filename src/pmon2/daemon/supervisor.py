@@ -75,7 +75,9 @@ class Service:
 
 
 class Supervisor:
-    def __init__(self, config: Config, store: Store, watcher: watch.Watcher) -> None:
+    def __init__(self, config: Config, store: Store, watcher: watch.Watcher,
+                 launcher: spawn.Launcher | None = None) -> None:
+        self.launcher = launcher  # None: pmond forks each intermediate itself
         self.config = config
         self.store = store
         self.watcher = watcher
@@ -284,7 +286,7 @@ class Supervisor:
         self._cancel_retry(svc)
         try:
             if pending is None:
-                pending = spawn.begin(self._launch_spec(svc))
+                pending = spawn.begin(self._launch_spec(svc), self.launcher)
             launched = await pending.finish()
         except SpawnError as exc:
             svc.last_error = exc.message
@@ -347,7 +349,7 @@ class Supervisor:
             # The new process first, the ledger after: the launch runs while the rows are written.
             pending = None
             try:
-                pending = spawn.begin(self._launch_spec(svc))
+                pending = spawn.begin(self._launch_spec(svc), self.launcher)
             except SpawnError:
                 pass  # _start tries again, and records the failure
             self._spawn_task(self._auto_start(svc, svc.generation, restart=True, pending=pending))
