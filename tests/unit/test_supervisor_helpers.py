@@ -103,3 +103,34 @@ def test_iso():
     assert iso(None) is None
     assert iso(0) == "1970-01-01T00:00:00.000Z"
     assert iso(1.5) == "1970-01-01T00:00:01.500Z"
+
+
+class _Store:
+    def __init__(self):
+        self.deleted = []
+
+    def delete_service(self, service_id):
+        self.deleted.append(service_id)
+
+
+def test_identical_environments_are_kept_once_and_dropped_with_their_last_service():
+    from pmon2.daemon.supervisor import Service, Supervisor
+
+    sup = Supervisor.__new__(Supervisor)  # the env bookkeeping only: no loop, no store on disk
+    sup.services, sup._envs, sup.store = {}, {}, _Store()
+
+    def add(service_id, env):
+        svc = Service(id=service_id, name=f"s{service_id}", spec=sup._share_env({"env": env}))
+        sup.services[service_id] = svc
+        return svc
+
+    a = add(1, {"PATH": "/bin", "HOME": "/root"})
+    b = add(2, {"HOME": "/root", "PATH": "/bin"})  # same variables, another order
+    c = add(3, {"PATH": "/usr/bin"})
+    assert a.spec["env"] is b.spec["env"] and c.spec["env"] is not a.spec["env"]
+    assert len(sup._envs) == 2
+    sup._forget(a)
+    assert len(sup._envs) == 2, "b still uses that environment"
+    sup._forget(b)
+    sup._forget(c)
+    assert sup._envs == {} and sup.store.deleted == [1, 2, 3]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import os
 import re
@@ -78,6 +79,7 @@ class Supervisor:
     def __init__(self, config: Config, store: Store, watcher: watch.Watcher,
                  launcher: spawn.Launcher | None = None) -> None:
         self.launcher = launcher  # None: pmond forks each intermediate itself
+        self._envs: dict[str, dict[str, str]] = {}  # one copy of each distinct environment
         self.config = config
         self.store = store
         self.watcher = watcher
@@ -145,7 +147,7 @@ class Supervisor:
         """Load every service; take back those still running, start those that died meanwhile."""
         boot = procfs.boot_id()
         for row in self.store.load_services():
-            svc = Service(id=row["id"], name=row["name"], spec=row["spec"], desired=row["desired"],
+            svc = Service(id=row["id"], name=row["name"], spec=self._share_env(row["spec"]), desired=row["desired"],
                           status=Status(row["status"]), pid=row["pid"], start_ticks=row["start_ticks"],
                           boot_id=row["boot_id"], started_at=row["started_at"], restarts=row["restarts"],
                           fast_exits=row["fast_exits"], retry_at=row["retry_at"], last_exit=row["last_exit"],
@@ -262,19 +264,31 @@ class Supervisor:
             except OSError as exc:
                 raise BadRequest(f"cannot create log dir {os.path.dirname(path)}: {exc.strerror}") from None
         service_id = self.store.insert_service(name, spec, Status.STOPPED.value)
-        svc = Service(id=service_id, name=name, spec=spec)
+        svc = Service(id=service_id, name=name, spec=self._share_env(spec))
         self.services[svc.id] = svc
         async with svc.lock:
             try:
                 await self._start(svc, user_initiated=True)
             except SpawnError:
                 # Leave no trace of a service that never ran: the user fixes the command and runs again.
-                del self.services[svc.id]
-                self.store.delete_service(svc.id)
+                self._forget(svc)
                 raise
         return svc
 
     # the process lifecycle
+
+    def _share_env(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Services started from one shell carry the same environment: keep one copy of it (about 8 KB a
+        service otherwise). Specs are never changed in place, so sharing is safe."""
+        key = json.dumps(spec["env"], sort_keys=True)
+        spec["env"] = self._envs.setdefault(key, spec["env"])
+        return spec
+
+    def _forget(self, svc: Service) -> None:
+        del self.services[svc.id]
+        self.store.delete_service(svc.id)
+        if not any(other.spec["env"] is svc.spec["env"] for other in self.services.values()):
+            self._envs.pop(json.dumps(svc.spec["env"], sort_keys=True), None)
 
     def _launch_spec(self, svc: Service) -> spawn.LaunchSpec:
         s = svc.spec
@@ -495,8 +509,7 @@ class Supervisor:
         svc = self.find(ref)
         async with svc.lock:
             await self._terminate(svc, force=False)
-            del self.services[svc.id]
-            self.store.delete_service(svc.id)
+            self._forget(svc)
             self._event(None, "delete", "deleted", name=svc.name)
         return svc
 
