@@ -206,8 +206,11 @@ def kill_and_wait(pids: PidWatch, pid: int, number: int, timeout: float) -> tupl
         while i < len(candidates):
             c = candidates[i]
             cl = read_bytes(f"/proc/{c}/cmdline")
-            if cl is None and not os.path.exists(f"/proc/{c}"):
-                candidates.pop(i)  # gone (a failed read of a live process, mid-exec, is tried again)
+            if cl is None:
+                if os.path.exists(f"/proc/{c}"):
+                    i += 1  # a failed read of a live process (mid-exec): look again next time
+                else:
+                    candidates.pop(i)  # gone
                 continue
             if cl.endswith(b"\0" + want + b"\0") and sleep_number(cl) == number:
                 return (time.perf_counter_ns() - t0) / 1e6, c

@@ -115,11 +115,20 @@ def test_a_stranger_holding_the_pid_is_neither_adopted_nor_signalled(pmon: Any) 
         stranger.wait()
 
 
-def test_exit_code_and_signal_are_recorded(pmon: Any) -> None:
+@pytest.mark.parametrize("source", ["auto", "pidfd", "proc_connector"])
+def test_exit_code_and_signal_are_recorded(pmon: Any, source: str) -> None:
+    # auto: PIDFD_INFO_EXIT where the kernel has it (6.15+), else the proc connector as root.
+    if source != "auto":
+        pmon.env["PMON2_EXIT_STATUS"] = source
+    pmon.run("daemon", "start")
+    used = pmon.json("daemon", "status", "--json")["exit_status_sources"]
+    if source != "auto" and used != [source]:
+        pytest.skip(f"{source} is not available here (pmond uses {used})")
     pmon.run("run", "--no-autorestart", "--name", "three", "sh", "-c", "sleep 0.2; exit 3")
     three = pmon.wait_service("three", lambda s: (s["last_exit"] or {}).get("code") == 3, what="exit code 3")
     assert three["status"] == "exited"
     assert three["last_exit"]["signal"] is None
+    assert three["last_exit"]["source"] in used and (source == "auto" or three["last_exit"]["source"] == source)
 
     svc = pmon.start_service("sleep", "737373", "--name", "termed")
     os.kill(svc["pid"], signal.SIGTERM)

@@ -99,7 +99,10 @@ def exit_status_sources() -> set[str]:
         return {"pidfd", "waitpid"} if watch.PidfdInfo.probe() else {"proc_connector", "pidfd", "waitpid"}
     if value == "none":
         return set()
-    return {v.strip() for v in value.split(",")}
+    sources = {v.strip() for v in value.split(",")}
+    if "pidfd" in sources:
+        watch.PidfdInfo.probe()  # so that `daemon status` does not list it where the kernel lacks it
+    return sources
 
 
 def setup_logging(log_dir: str, foreground: bool) -> None:
