@@ -6,12 +6,13 @@ instruction 2.0 ms after the fork began, here; from a bare interpreter, 1.0 ms. 
 module once, as `python -I -S` (nothing but os, signal, marshal and _socket loaded), and hands it each
 launch over a SOCK_SEQPACKET socketpair: the request, and the two pipe ends the intermediate reports on.
 
-The launcher forks an intermediate child per service. The intermediate puts itself in a new session,
-sets up stdio, cwd and user in itself, and starts the service with posix_spawn: a vfork and exec, with
-no second copy of page tables. It does not reap the service, and waits until pmond has a pidfd on it,
-so the pid cannot be reused under pmond's feet; then it exits, and the service's parent becomes init
-(or pmond, when pmond is the subreaper). If pmond never acknowledges, the intermediate kills the
-service rather than leave a process nobody knows of.
+The launcher keeps one child forked ahead, waiting on the socket; the child that takes a request
+becomes that service's intermediate, and the launcher forks the next one. The intermediate puts itself
+in a new session, sets up stdio, cwd and user in itself, and starts the service with posix_spawn: a
+vfork and exec, with no second copy of page tables. It does not reap the service, and waits until
+pmond has a pidfd on it, so the pid cannot be reused under pmond's feet; then it exits, and the
+service's parent becomes init (or pmond, when pmond is the subreaper). If pmond never acknowledges,
+the intermediate kills the service rather than leave a process nobody knows of.
 
 pmond falls back to forking the intermediate itself (same code) when the launcher is not there.
 This module must stay on builtin modules (and _socket): it is the launcher's whole import cost.
@@ -24,8 +25,8 @@ import signal
 import sys
 
 # Request: marshal of (exe, argv, env, cwd, out_log, err_log, ident), ident None or (uid, gid, groups).
-# Reports on the status pipe: b"P" + pid of the service + pid of the intermediate (8 bytes each, native
-# order), or b"E" + stage + NUL + errno when the set-up or the exec failed.
+# Reports on the status pipe: b"P" + pid of the service + pid of the intermediate (8 bytes each,
+# little-endian), or b"E" + stage + NUL + errno when the set-up or the exec failed.
 MAX_REQUEST = 1 << 20
 LOG_MODE = 0o640
 
