@@ -1,10 +1,11 @@
 """Detached launch: each service in its own session, through a double fork, so its parent is init.
 
-pmond asks its launcher process (see launcher.py) to fork an intermediate child, or forks it itself when
-the launcher is not there. The intermediate sets up the service's session, stdio, cwd and user, starts
-the service with posix_spawn, and reports the service's pid on a close-on-exec status pipe. It does not
-reap the service and waits for pmond's acknowledgement, so the pidfd pmond opens names the right
-process even if the service died at once. Set-up and exec failures come back on the same pipe, so a
+pmond hands each launch to the child its launcher process keeps forked ahead (see launcher.py), which
+becomes the intermediate; when the launcher is not there, pmond forks the intermediate itself. The
+intermediate sets up the service's session, stdio, cwd and user, starts the service with posix_spawn,
+and reports the service's pid on a close-on-exec status pipe. It does not reap the service and waits
+for pmond's acknowledgement, so the pidfd pmond opens names the right process even if the service
+died at once. Set-up and exec failures come back on the same pipe, so a
 missing binary or a bad cwd reaches the user as an error instead of a crash loop.
 
 A launch is two steps: `begin` does the synchronous part (the request is on its way, or the fork is
