@@ -403,7 +403,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         _print_json(info)
     else:
         for key in ("pid", "version", "socket", "uptime_s", "services", "data_dir", "log_dir", "mode",
-                    "exit_status_sources"):
+                    "exit_status_sources", "launcher_pid"):
             _say(f"{key:<20} {info.get(key)}")
     return 0
 

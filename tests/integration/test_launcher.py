@@ -37,6 +37,7 @@ def test_services_start_through_a_launcher_child_of_pmond(pmon):
     helper = pmon.wait_for(lambda: launcher_of(pmon), message="a pmond-launcher child of pmond")
     crash_restarts(pmon, "via")
     assert launcher_of(pmon) == helper, "the launcher should serve every launch, not be replaced"
+    assert pmon.json("daemon", "status", "--json")["launcher_pid"] == helper
     # The launcher is the parent of no service: they belong to init.
     assert all(pmon.ppid(p) != helper for p in pmon.service_pids())
 
@@ -57,7 +58,7 @@ def test_a_killed_launcher_is_replaced_and_launches_go_on_meanwhile(pmon):
 def test_without_the_launcher_pmond_forks_services_itself(pmon):
     pmon.env["PMON2_LAUNCHER"] = "0"
     pmon.start_service("sleep", "36003", "--name", "direct")
-    assert launcher_of(pmon) is None
+    assert launcher_of(pmon) is None and pmon.json("daemon", "status", "--json")["launcher_pid"] is None
     crash_restarts(pmon, "direct")
     proc = pmon.run("run", "/nonexistent/binary", check=False)
     assert proc.returncode == 1 and "no such file" in proc.stderr

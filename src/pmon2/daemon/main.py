@@ -162,7 +162,9 @@ async def serve(config: Config, subreaper: bool) -> None:
                 "log_dir": str(config.paths.log_dir), "started_at": iso(started),
                 "uptime_s": round(time.time() - started, 3), "mode": config.paths.mode,
                 "subreaper": subreaper or os.getpid() == 1,
-                "exit_status_sources": describe_sources()}
+                "exit_status_sources": describe_sources(),
+                # None: pmond forks each service's intermediate itself (slower restarts).
+                "launcher_pid": launcher.pid if launcher is not None and launcher.ready else None}
 
     def describe_sources() -> list[str]:
         found = []
