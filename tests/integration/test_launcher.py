@@ -114,6 +114,42 @@ def test_intermediate_kills_the_service_when_pmond_never_acknowledges(tmp_path):
             pass
 
 
+def test_a_dead_launcher_does_not_cost_the_report_of_a_started_service(tmp_path):
+    """The child forked ahead can outlive its launcher for a moment and take one more request: its note to
+    the dead launcher fails, and the service it started must still be reported (not left unknown)."""
+    status_r, status_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    note_r, note_w = os.pipe()
+    os.close(note_r)  # the launcher is gone
+    req = ("/bin/sleep", ["sleep", "36006"], dict(os.environ), str(tmp_path), str(tmp_path / "out"),
+           str(tmp_path / "err"), None)
+    child = os.fork()
+    if child == 0:
+        code = 127
+        try:
+            os.close(status_r)
+            os.close(ack_w)
+            code = launcher.intermediate(req, status_w, ack_r, spawned_w=note_w)
+        finally:
+            os._exit(code)
+    os.close(status_w)
+    os.close(ack_r)
+    os.close(note_w)
+    report = os.read(status_r, 64)
+    service = None
+    try:
+        assert report[:1] == b"P", f"the started service was reported as a failure: {report!r}"
+        service, _ = launcher.unpack_report(report)
+        os.write(ack_w, b"g")
+        _, status = os.waitpid(child, 0)
+        assert os.WEXITSTATUS(status) == 0
+    finally:
+        os.close(ack_w)
+        os.close(status_r)
+        if service:
+            os.kill(service, signal.SIGKILL)
+
+
 def test_launcher_module_imports_nothing_heavy():
     code = ("import sys, pmon2.daemon.launcher; "
             "print(' '.join(m for m in ('asyncio', 'sqlite3', 'logging', 'h11', 'socket', 'typing') "

@@ -96,8 +96,7 @@ def intermediate(req: tuple, status_w: int, ack_r: int, changed: list[int] | Non
             pid = os.posix_spawn(exe, argv, env, setpgroup=0, setsigmask=(), setsigdef=changed)
         finally:
             if spawned_w >= 0:
-                os.write(spawned_w, b"t")
-                os.close(spawned_w)
+                _note(spawned_w, b"t")
     except OSError as exc:
         os.write(status_w, b"E" + f"{stage}\0{exc.errno or 0}".encode())
         return 127
@@ -110,6 +109,16 @@ def intermediate(req: tuple, status_w: int, ack_r: int, changed: list[int] | Non
         os.kill(pid, signal.SIGKILL)  # pmond went away before it could record the service
         return 1
     return 0
+
+
+def _note(fd: int, what: bytes) -> None:
+    """Tell the launcher (best effort: if it died, there is no next child to fork, and the service that
+    was just started must still be reported to pmond)."""
+    try:
+        os.write(fd, what)
+    except OSError:
+        pass
+    os.close(fd)
 
 
 def _reap(signum: int, frame: object) -> None:
@@ -172,19 +181,19 @@ def _take_one(sock: _socket.socket, note_w: int) -> int:
     changed = changed_signals()
     data, ancillary, flags, _ = sock.recvmsg(MAX_REQUEST, _socket.CMSG_SPACE(2 * 4))
     if not data:
-        os.write(note_w, b"q")  # pmond closed the socket: the launcher ends
+        _note(note_w, b"q")  # pmond closed the socket: the launcher ends
         return 0
     fds = []
     for level, kind, payload in ancillary:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             fds += [int.from_bytes(payload[i:i + 4], sys.byteorder) for i in range(0, len(payload) - 3, 4)]
     if len(fds) != 2 or flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC):
-        os.write(note_w, b"t")
+        _note(note_w, b"t")
         return 1  # pmond sees the status pipe close and forks the intermediate itself
     status_w, ack_r = fds
     try:
         req = marshal.loads(data)
     except (ValueError, EOFError, TypeError):
-        os.write(note_w, b"t")
+        _note(note_w, b"t")
         return 1
     return intermediate(req, status_w, ack_r, changed, spawned_w=note_w)
