@@ -100,10 +100,10 @@ def intermediate(req: tuple, status_w: int, ack_r: int, changed: list[int] | Non
     except OSError as exc:
         os.write(status_w, b"E" + f"{stage}\0{exc.errno or 0}".encode())
         return 127
-    os.write(status_w, pack_report(pid, os.getpid()))
     try:
+        os.write(status_w, pack_report(pid, os.getpid()))
         go = os.read(ack_r, 1)
-    except OSError:
+    except OSError:  # EPIPE: pmond is gone
         go = b""
     if go != b"g":
         os.kill(pid, signal.SIGKILL)  # pmond went away before it could record the service
