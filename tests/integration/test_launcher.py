@@ -6,6 +6,7 @@ import marshal
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from pmon2.daemon import launcher
@@ -112,6 +113,50 @@ def test_intermediate_kills_the_service_when_pmond_never_acknowledges(tmp_path):
             os.kill(service, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_intermediate_kills_the_service_when_pmond_is_gone_before_the_report(pmon, tmp_path):
+    status_r, status_w = os.pipe()
+    ack_r, ack_w = os.pipe()
+    os.close(status_r)  # pmond died before it could read the report
+    req = ("/bin/sleep", ["sleep", "36007"], dict(os.environ), str(tmp_path), str(tmp_path / "out"),
+           str(tmp_path / "err"), None)
+    child = os.fork()
+    if child == 0:
+        code = 127
+        try:
+            os.close(ack_w)
+            code = launcher.intermediate(req, status_w, ack_r)
+        finally:
+            os._exit(code)
+    os.close(status_w)
+    os.close(ack_r)
+    survivors: list[int] = []
+    try:
+        _, status = os.waitpid(child, 0)
+        deadline = time.monotonic() + 2.0  # SIGKILL takes effect asynchronously
+        while True:
+            survivors = [p for p in pmon_pids() if read_cmdline(p) == b"sleep\x0036007\x00" and pmon.is_alive(p)]
+            if not survivors or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert not survivors, "a service nobody knows of was left running"
+        assert os.WEXITSTATUS(status) == 1
+    finally:
+        os.close(ack_w)
+        for p in survivors:
+            os.kill(p, signal.SIGKILL)
+
+
+def pmon_pids() -> list[int]:
+    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+
+
+def read_cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def test_a_dead_launcher_does_not_cost_the_report_of_a_started_service(tmp_path):
