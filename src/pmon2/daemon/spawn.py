@@ -22,6 +22,7 @@ import logging
 import marshal
 import os
 import pwd
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -247,7 +248,14 @@ class Pending:
             pidfd = -1
             # Return once the intermediate is gone, so the service's parent is already init (or our
             # subreaper) when the caller looks.
-            await _readable(inter_fd)
+            try:
+                await _readable(inter_fd)
+            except asyncio.CancelledError:
+                # pmond is stopping before it could record the service: the next pmond would start it
+                # again, so do not leave this one running unknown.
+                signal.pidfd_send_signal(launched.pidfd, signal.SIGKILL)
+                os.close(launched.pidfd)
+                raise
             return launched
         finally:
             self._close()
