@@ -78,78 +78,68 @@ def test_daemon_stop_takes_its_launcher_along_and_reaps_it(pmon):
     assert pmon.is_alive(svc_pid)
 
 
-def test_intermediate_kills_the_service_when_pmond_never_acknowledges(tmp_path):
-    """pmond died between the launch and its pidfd: no process may stay behind that nobody knows of."""
-    status_r, status_w = os.pipe()
-    ack_r, ack_w = os.pipe()
-    req = ("/bin/sleep", ["sleep", "36005"], dict(os.environ), str(tmp_path), str(tmp_path / "out"),
-           str(tmp_path / "err"), None)
-    child = os.fork()
-    if child == 0:
-        code = 127
-        try:
-            os.close(status_r)
-            os.close(ack_w)
-            code = launcher.intermediate(marshal.loads(marshal.dumps(req)), status_w, ack_r)
-        finally:
-            os._exit(code)
-    os.close(status_w)
-    os.close(ack_r)
-    report = os.read(status_r, 64)
-    service, inter = launcher.unpack_report(report)
-    assert inter == child and report[:1] == b"P"
-    pidfd = os.pidfd_open(service)
-    try:
-        os.close(ack_w)  # pmond "died": no ack
-        _, status = os.waitpid(child, 0)
-        assert os.WEXITSTATUS(status) == 1
-        import select
+class Intermediate:
+    """An intermediate child forked here, as pmond or the launcher would, to start `sleep NUMBER`; we play
+    pmond's part through `status_r` (its report) and `ack_w` (our acknowledgement)."""
 
-        assert select.select([pidfd], [], [], 5.0)[0], "the unacknowledged service is still running"
-    finally:
-        os.close(pidfd)
-        os.close(status_r)
-        try:
-            os.kill(service, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    def __init__(self, tmp_path: Path, number: int, *, pmond_gone: bool = False, launcher_gone: bool = False):
+        self.want = f"sleep\0{number}\0".encode()
+        req = ("/bin/sleep", ["sleep", str(number)], dict(os.environ), str(tmp_path), str(tmp_path / "out"),
+               str(tmp_path / "err"), None)
+        self.status_r, status_w = os.pipe()
+        ack_r, self.ack_w = os.pipe()
+        note_r, note_w = os.pipe()
+        if pmond_gone:
+            os.close(self.status_r)  # pmond died before it could read the report
+            self.status_r = -1
+        if launcher_gone:
+            os.close(note_r)
+            note_r = -1
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 127
+            try:
+                for fd in (self.status_r, self.ack_w, note_r):
+                    if fd >= 0:
+                        os.close(fd)
+                code = launcher.intermediate(marshal.loads(marshal.dumps(req)), status_w, ack_r, spawned_w=note_w)
+            finally:
+                os._exit(code)
+        for fd in (status_w, ack_r, note_w):
+            os.close(fd)
+        self.note_r = note_r
 
+    def report(self) -> bytes:
+        return os.read(self.status_r, 64)
 
-def test_intermediate_kills_the_service_when_pmond_is_gone_before_the_report(pmon, tmp_path):
-    status_r, status_w = os.pipe()
-    ack_r, ack_w = os.pipe()
-    os.close(status_r)  # pmond died before it could read the report
-    req = ("/bin/sleep", ["sleep", "36007"], dict(os.environ), str(tmp_path), str(tmp_path / "out"),
-           str(tmp_path / "err"), None)
-    child = os.fork()
-    if child == 0:
-        code = 127
-        try:
-            os.close(ack_w)
-            code = launcher.intermediate(req, status_w, ack_r)
-        finally:
-            os._exit(code)
-    os.close(status_w)
-    os.close(ack_r)
-    survivors: list[int] = []
-    try:
-        _, status = os.waitpid(child, 0)
-        deadline = time.monotonic() + 2.0  # SIGKILL takes effect asynchronously
+    def exit_code(self) -> int:
+        return os.WEXITSTATUS(os.waitpid(self.pid, 0)[1])
+
+    def services(self) -> list[int]:
+        """Live processes running our `sleep NUMBER` (a SIGKILLed one takes a moment to die)."""
+        deadline = time.monotonic() + 2.0
         while True:
-            survivors = [p for p in pmon_pids() if read_cmdline(p) == b"sleep\x0036007\x00" and pmon.is_alive(p)]
-            if not survivors or time.monotonic() > deadline:
-                break
+            found = [p for p in map(int, filter(str.isdigit, os.listdir("/proc")))
+                     if read_cmdline(p) == self.want and is_alive(p)]
+            if not found or time.monotonic() > deadline:
+                return found
             time.sleep(0.02)
-        assert not survivors, "a service nobody knows of was left running"
-        assert os.WEXITSTATUS(status) == 1
-    finally:
-        os.close(ack_w)
-        for p in survivors:
+
+    def close(self) -> None:
+        for fd in (self.status_r, self.ack_w, self.note_r):
+            if fd >= 0:
+                os.close(fd)
+        for p in self.services():
             os.kill(p, signal.SIGKILL)
 
 
-def pmon_pids() -> list[int]:
-    return [int(d) for d in os.listdir("/proc") if d.isdigit()]
+def is_alive(pid: int) -> bool:
+    """Running, and not a zombie (init reaps late here)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZXx"
 
 
 def read_cmdline(pid: int) -> bytes:
@@ -159,40 +149,42 @@ def read_cmdline(pid: int) -> bytes:
         return b""
 
 
+def test_intermediate_kills_the_service_when_pmond_never_acknowledges(tmp_path):
+    """pmond died between the launch and its pidfd: no process may stay behind that nobody knows of."""
+    inter = Intermediate(tmp_path, 36005)
+    try:
+        report = inter.report()
+        service, pid = launcher.unpack_report(report)
+        assert report[:1] == b"P" and pid == inter.pid and is_alive(service)
+        os.close(inter.ack_w)  # pmond "died": no ack
+        inter.ack_w = -1
+        assert inter.exit_code() == 1
+        assert inter.services() == [], "the unacknowledged service is still running"
+    finally:
+        inter.close()
+
+
+def test_intermediate_kills_the_service_when_pmond_is_gone_before_the_report(tmp_path):
+    inter = Intermediate(tmp_path, 36007, pmond_gone=True)
+    try:
+        assert inter.exit_code() == 1
+        assert inter.services() == [], "a service nobody knows of was left running"
+    finally:
+        inter.close()
+
+
 def test_a_dead_launcher_does_not_cost_the_report_of_a_started_service(tmp_path):
     """The child forked ahead can outlive its launcher for a moment and take one more request: its note to
     the dead launcher fails, and the service it started must still be reported (not left unknown)."""
-    status_r, status_w = os.pipe()
-    ack_r, ack_w = os.pipe()
-    note_r, note_w = os.pipe()
-    os.close(note_r)  # the launcher is gone
-    req = ("/bin/sleep", ["sleep", "36006"], dict(os.environ), str(tmp_path), str(tmp_path / "out"),
-           str(tmp_path / "err"), None)
-    child = os.fork()
-    if child == 0:
-        code = 127
-        try:
-            os.close(status_r)
-            os.close(ack_w)
-            code = launcher.intermediate(req, status_w, ack_r, spawned_w=note_w)
-        finally:
-            os._exit(code)
-    os.close(status_w)
-    os.close(ack_r)
-    os.close(note_w)
-    report = os.read(status_r, 64)
-    service = None
+    inter = Intermediate(tmp_path, 36006, launcher_gone=True)
     try:
+        report = inter.report()
         assert report[:1] == b"P", f"the started service was reported as a failure: {report!r}"
-        service, _ = launcher.unpack_report(report)
-        os.write(ack_w, b"g")
-        _, status = os.waitpid(child, 0)
-        assert os.WEXITSTATUS(status) == 0
+        os.write(inter.ack_w, b"g")
+        assert inter.exit_code() == 0
+        assert inter.services() == [launcher.unpack_report(report)[0]]
     finally:
-        os.close(ack_w)
-        os.close(status_r)
-        if service:
-            os.kill(service, signal.SIGKILL)
+        inter.close()
 
 
 def test_launcher_module_imports_nothing_heavy():
