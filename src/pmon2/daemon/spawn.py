@@ -5,8 +5,8 @@ becomes the intermediate; when the launcher is not there, pmond forks the interm
 intermediate sets up the service's session, stdio, cwd and user, starts the service with posix_spawn,
 and reports the service's pid on a close-on-exec status pipe. It does not reap the service and waits
 for pmond's acknowledgement, so the pidfd pmond opens names the right process even if the service
-died at once. Set-up and exec failures come back on the same pipe, so a
-missing binary or a bad cwd reaches the user as an error instead of a crash loop.
+died at once. Set-up and exec failures come back on the same pipe, so a missing binary or a bad cwd
+reaches the user as an error instead of a crash loop.
 
 A launch is two steps: `begin` does the synchronous part (the request is on its way, or the fork is
 done) and `Pending.finish` waits for the report. pmond begins a restart before it writes the exit to
@@ -130,10 +130,8 @@ class Launcher:
         self.loop.remove_reader(self.pidfd)
         os.close(self.pidfd)
         self.pidfd = -1
-        try:
-            os.waitpid(self.pid or -1, os.WNOHANG)
-        except ChildProcessError:
-            pass  # our subreaper's SIGCHLD handler was quicker
+        if self.pid is not None:
+            _reap(self.pid)
         if self.sock is not None:
             self.loop.remove_reader(self.sock.fileno())
             self.sock.close()
@@ -175,10 +173,7 @@ class Launcher:
             import select
 
             if select.select([self.pidfd], [], [], 1.0)[0] and self.pid is not None:
-                try:
-                    os.waitpid(self.pid, os.WNOHANG)
-                except ChildProcessError:
-                    pass
+                _reap(self.pid)
             os.close(self.pidfd)
             self.pidfd = -1
 
@@ -337,12 +332,17 @@ def _reap_later(pid: int) -> None:
     def collect() -> None:
         loop.remove_reader(fd)
         os.close(fd)
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass  # a subreaper's SIGCHLD handler was quicker
+        _reap(pid)
 
     loop.add_reader(fd, collect)
+
+
+def _reap(pid: int) -> None:
+    """Collect an exited child of pmond's (the launcher, or an intermediate it forked)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass  # as subreaper, pmond's SIGCHLD handler was quicker
 
 
 def _describe_failure(spec: LaunchSpec, payload: bytes) -> str:
