@@ -97,10 +97,14 @@ def group_members(pgid: int) -> list[int]:
 
 
 def has_env_marker(pid: int, marker: bytes) -> bool:
+    """`marker` is one whole entry of the process's environment, or its prefix when it ends with ':'."""
     try:
-        return marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return False
+    if marker.endswith(b":"):
+        return any(e.startswith(marker) for e in entries)
+    return marker in entries
 
 
 # the helper object
@@ -284,13 +288,23 @@ class Pmon:
         except sqlite3.Error:
             return set()
 
+    def service_marker(self) -> bytes:
+        """The prefix of PMON2_SERVICE that this home's pmond gives every service it starts."""
+        from pmon2.daemon.supervisor import instance_id
+
+        return f"PMON2_SERVICE={instance_id(str(self.home / 'data'))}:".encode()
+
+    def ours(self, pid: int) -> bool:
+        """Started under this test's home: pmond and its helpers carry PMON2_HOME, services the marker."""
+        return (has_env_marker(pid, f"PMON2_HOME={self.home}".encode())
+                or has_env_marker(pid, self.service_marker()))
+
     def cleanup(self) -> None:
-        marker = f"PMON2_HOME={self.home}".encode()
         mine = {os.getpid(), os.getpgrp(), os.getsid(0), 0, 1}
         pids = self.service_pids()
         daemon = self.daemon_pid()
         # Freeze pmond first so it cannot start replacements of what we kill.
-        if daemon and has_env_marker(daemon, marker):
+        if daemon and self.ours(daemon):
             with contextlib.suppress(OSError):
                 os.kill(daemon, signal.SIGSTOP)
         pids |= self.db_pids()
@@ -300,19 +314,19 @@ class Pmon:
             with contextlib.suppress(OSError):
                 os.killpg(pid, signal.SIGKILL)
             # Only touch what is provably ours: a process carrying this test's PMON2_HOME.
-            if has_env_marker(pid, marker):
+            if self.ours(pid):
                 for group in (pgrp(pid), session(pid)):
                     if group and group not in mine:
                         with contextlib.suppress(OSError):
                             os.killpg(group, signal.SIGKILL)
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
-        if daemon and daemon not in mine and has_env_marker(daemon, marker):
+        if daemon and daemon not in mine and self.ours(daemon):
             with contextlib.suppress(OSError):
                 os.kill(daemon, signal.SIGKILL)
         # Safety net: anything else started under this home (a leftover child, a second pmond).
         for pid in all_pids():
-            if pid not in mine and pid != daemon and has_env_marker(pid, marker) and is_alive(pid):
+            if pid not in mine and pid != daemon and self.ours(pid) and is_alive(pid):
                 with contextlib.suppress(OSError):
                     os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.home, ignore_errors=True)
@@ -336,3 +350,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "integration: runs a real pmond and real processes")
+
+
+ROOT_SKIP = "needs root"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """In CI (which runs as root) a test skipped for want of root has not run its check: fail it. A
+    root-only test says so with a skip reason that starts with ROOT_SKIP."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.skipped and os.environ.get("CI") and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2])
+        if reason.removeprefix("Skipped: ").startswith(ROOT_SKIP):
+            report.outcome = "failed"
+            report.longrepr = f"skipped in CI, which must run root tests: {reason}"
+

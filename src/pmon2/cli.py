@@ -39,7 +39,8 @@ EXAMPLES = {
     "version": "pmon2 version",
     "events": "pmon2 events api -n 20\n  pmon2 events --json",
     "why": "pmon2 why api",
-    "daemon": "pmon2 daemon status --json",
+    "daemon": "pmon2 daemon status --json\n"
+              "  pmon2 daemon recover   # rebuild a lost database from the running services",
     "startup": "pmon2 startup            # root: system unit; others: systemctl --user unit\n"
                "  pmon2 startup --print    # only show the unit",
     "unstartup": "pmon2 unstartup",
@@ -54,7 +55,9 @@ RUN_FLAGS: dict[str, tuple[str, bool]] = {
     "--kill-timeout": ("kill_timeout", True), "--stop-signal": ("stop_signal", True),
     "--log-max-size": ("log_max_size", True), "--log-keep": ("log_keep", True),
     "--log-compress": ("log_compress", False), "--json": ("json", False),
+    "--env": ("env", True), "--env-clear": ("env_clear", False),
 }
+REPEATABLE = {"env"}
 RUN_SHORT = {"-n": "--name", "-a": "--args", "-u": "--user", "-l": "--log", "-d": "--log_dir"}
 
 
@@ -124,7 +127,9 @@ def split_run_args(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
                 i += 1
             else:
                 raise UsageError(f"{flag} needs a value")
-            if dest == "args":
+            if dest in REPEATABLE:
+                opts.setdefault(dest, []).append(value)
+            elif dest == "args":
                 try:
                     (argv if argv else early_args).extend(shlex.split(value))
                 except ValueError as exc:
@@ -171,12 +176,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     opts, argv = split_run_args(args.rest)
     if not argv:
         raise UsageError("a command is needed: pmon2 run ./bin/app [args...] [--name NAME]")
-    body: dict[str, Any] = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
+    from pmon2 import spec
+
+    env = {} if opts.get("env_clear") else spec.service_env(os.environ)
+    for item in opts.get("env", []):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--env {item!r}: use KEY=VALUE")
+        env[key] = value
+    body: dict[str, Any] = {"argv": argv, "cwd": os.getcwd(), "env": env,
                             "autorestart": not opts.get("no_autorestart", False)}
+    if opts.get("log_compress"):
+        body["log_compress"] = True
     for key in ("name", "user", "log", "log_dir", "min_uptime", "kill_timeout", "stop_signal", "log_max_size",
-                "log_keep", "log_compress"):
+                "log_keep"):
         if key in opts:
-            body[key] = opts[key]
+            body[key] = spec.SERVICE[key].from_text(opts[key])
     svc = _client().request("POST", "/v1/services", body)
     if opts.get("json"):
         _print_json(svc)
@@ -202,7 +217,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_desc(args: argparse.Namespace) -> int:
     client = _client()
-    svc = client.request("GET", client.service_path(args.service))
+    path = client.service_path(args.service)
+    svc = client.request("GET", path + "?show_env=true" if args.show_env else path)
     if args.json:
         _print_json(svc)
         return 0
@@ -247,7 +263,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 def cmd_del(args: argparse.Namespace) -> int:
     client = _client()
-    svc = client.request("DELETE", client.service_path(args.service))
+    path = client.service_path(args.service)
+    svc = client.request("DELETE", path + "?force=true" if args.force else path)
     _say(f"deleted {svc['name']} (id {svc['id']})")
     return 0
 
@@ -379,6 +396,25 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         else:
             _say(f"pmond {'was already' if already else 'is'} running: pid {info['pid']}, socket {info['socket']}")
         return 0
+    if args.action == "recover":
+        if client.is_running():
+            _say("pmond is running, so its database matches the running services: nothing to recover")
+            return 0
+        client.start_daemon("--recover")
+        info = client.request("GET", "/v1/daemon")
+        report = info.get("recovered") or []
+        if args.json:
+            _print_json(report)
+            return 0
+        if not report:
+            _say("no running service was missing from the database; pmond is running")
+        for item in report:
+            if item["restored"]:
+                _say(f"restored {item['name']} (id {item['id']}, pid {item['pid']}); not restored, now at "
+                     f"their defaults: {', '.join(item['not_restored'])}")
+            else:
+                _say(f"could not restore service {item['id']}: {item['why']}")
+        return 0
     if args.action == "stop":
         try:
             resp = client.request("POST", "/v1/daemon/shutdown", autostart=False, timeout=10.0)
@@ -405,6 +441,11 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         for key in ("pid", "version", "socket", "uptime_s", "services", "data_dir", "log_dir", "mode",
                     "exit_status_sources", "launcher_pid"):
             _say(f"{key:<20} {info.get(key)}")
+        access = info.get("access") or {}
+        if access:
+            who = ["root", *[u for u in access.get("users", []) if u != "root"],
+                   *[f"group {g}" for g in access.get("groups", [])]]
+            _say(f"{'may connect':<20} {', '.join(who)} (non-root callers: their own services only)")
     return 0
 
 
@@ -515,6 +556,9 @@ def build_parser(only: str | None = None) -> Parser:
     group.add_argument("--log-max-size", metavar="SIZE", help="rotate a log file above this size (default 10M)")
     group.add_argument("--log-keep", metavar="N", help="rotated files to keep (default 5)")
     group.add_argument("--log-compress", action="store_true", help="gzip rotated files")
+    group.add_argument("--env", metavar="KEY=VALUE", help="set a variable for the service (repeatable)")
+    group.add_argument("--env-clear", action="store_true",
+                       help="start from an empty environment (default: yours, minus session variables)")
     group.add_argument("--json", action="store_true", help="print the new service as JSON")
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
@@ -523,6 +567,8 @@ def build_parser(only: str | None = None) -> Parser:
     p = command("desc", cmd_desc, "show one service in detail", ("show",))
     p.add_argument("service", help="id or name")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--show-env", action="store_true",
+                   help="show environment values in clear (root and the service's own user only)")
     for name, func, text in (("start", cmd_start, "start a stopped service"),
                              ("restart", cmd_restart, "stop a service, wait until it is gone, start it again")):
         p = command(name, func, text)
@@ -535,6 +581,7 @@ def build_parser(only: str | None = None) -> Parser:
     p.add_argument("--sig", "-s", default="USR2", help="signal: HUP, USR1, USR2 or any name or number")
     p = command("del", cmd_del, "stop and forget a service", ("delete",))
     p.add_argument("service", help="id or name")
+    p.add_argument("-f", "--force", action="store_true", help="SIGKILL at once (cuts a graceful stop short)")
     p = command("log", cmd_log, "print the last lines of services' stdout and stderr")
     p.add_argument("service", nargs="*", help="ids or names (default: all)")
     p.add_argument("-n", "--lines", type=int, default=20, help="lines of each stream (default 20)")
@@ -558,7 +605,7 @@ def build_parser(only: str | None = None) -> Parser:
     p = command("version", cmd_version, "print the versions of pmon2 and the running pmond")
     p.add_argument("--json", action="store_true")
     p = command("daemon", cmd_daemon, "start, stop or inspect pmond (stopping it never stops a service)")
-    p.add_argument("action", choices=("start", "stop", "status"))
+    p.add_argument("action", choices=("start", "stop", "status", "recover"))
     p.add_argument("--json", action="store_true")
     p = command("startup", cmd_startup, "start pmond at boot: write and enable a systemd unit for it")
     p.add_argument("--print", action="store_true", help="print the unit and change nothing")
@@ -594,7 +641,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         sys.stderr.close()
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        # Ctrl-C while pmond holds a request (client.Interrupted): one line, no traceback; pmond goes on.
+        message = getattr(exc, "message", None)
+        if message:
+            sys.stderr.write(f"pmon2: {message}\n")
         return 130
 
 

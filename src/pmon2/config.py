@@ -18,6 +18,13 @@ class Config:
     log_keep: int = 5
     log_compress: bool = False
     log_check_interval: float = 10.0
+    # The log budget, per filesystem holding logs: bytes, or "N%" of the filesystem (rotate.Budget).
+    log_max_use: str | int = "10%"
+    log_keep_free: str | int = "15%"
+    # Who else may connect to pmond's socket (user and group names); they act as themselves only.
+    # Root mode admits group "pmon2" by default (docs/security.md).
+    allow_users: tuple[str, ...] = ()
+    allow_groups: tuple[str, ...] = ()
 
 
 def load(paths: Paths) -> Config:
@@ -27,7 +34,7 @@ def load(paths: Paths) -> Config:
         with open(paths.config_file, "rb") as fh:
             raw = fh.read()
     except FileNotFoundError:
-        return Config(paths)
+        return Config(paths, allow_groups=default_groups(paths))
     except OSError as exc:
         raise PmonError(f"cannot read {paths.config_file}: {exc.strerror}") from None
     try:
@@ -65,8 +72,25 @@ def load(paths: Paths) -> Config:
     if not isinstance(compress, bool):
         raise PmonError(f"{paths.config_file}: log_compress must be true or false")
 
-    known = {"data_dir", "log_dir", "kill_timeout", "min_uptime", "log_max_size", "log_keep", "log_compress",
-             "log_check_interval"}
+    def share_setting(key: str, default: str) -> str | int:
+        from pmon2.daemon.rotate import parse_share
+
+        value = data.get(key, default)
+        try:
+            parse_share(value, zero=key == "log_keep_free")
+        except (ValueError, TypeError) as exc:
+            raise PmonError(f"{paths.config_file}: {key}: {exc} (try \"10%\" or \"2G\")") from None
+        return value
+
+    def names_setting(key: str, default: tuple[str, ...]) -> tuple[str, ...]:
+        value = data.get(key, list(default))
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise PmonError(f"{paths.config_file}: {key} must be a list of names, such as [\"deploy\"]")
+        return tuple(value)
+
+    known = {"allow_users", "allow_groups",
+             "data_dir", "log_dir", "kill_timeout", "min_uptime", "log_max_size", "log_keep", "log_compress",
+             "log_check_interval", "log_max_use", "log_keep_free"}
     unknown = sorted(set(data) - known)
     if unknown:
         raise PmonError(f"{paths.config_file}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
@@ -78,4 +102,12 @@ def load(paths: Paths) -> Config:
         log_keep=keep,
         log_compress=compress,
         log_check_interval=number_setting("log_check_interval", 10.0),
+        log_max_use=share_setting("log_max_use", "10%"),
+        log_keep_free=share_setting("log_keep_free", "15%"),
+        allow_users=names_setting("allow_users", ()),
+        allow_groups=names_setting("allow_groups", default_groups(paths)),
     )
+
+
+def default_groups(paths: Paths) -> tuple[str, ...]:
+    return ("pmon2",) if paths.mode == "root" else ()

@@ -84,7 +84,7 @@ def test_daemon_stop_and_start_keep_the_same_processes(pmon: Any) -> None:
         assert (again["pid"], again["restarts"], again["status"]) == (svc["pid"], 0, "running")
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="steering pid allocation needs root")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: steering pid allocation")
 def test_a_stranger_holding_the_pid_is_neither_adopted_nor_signalled(pmon: Any) -> None:
     svc = pmon.start_service("sleep", "616161", "--name", "reused")
     old = svc["pid"]

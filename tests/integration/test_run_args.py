@@ -68,7 +68,7 @@ def test_short_flags_before_the_command_only(pmon):
 
 def test_pmon2_style_args_and_user_root(pmon):
     if os.geteuid() != 0:
-        pytest.skip("--user root needs root")
+        pytest.skip("needs root: --user root")
     _, result = _dumper(pmon, "gin", pmon.work / "bin")
     svc = pmon.start_service("./bin/gin", "--args", "-prjHome=/srv", "--user", "root")
     assert svc["name"] == "gin" and svc["user"] == "root"
@@ -78,8 +78,9 @@ def test_pmon2_style_args_and_user_root(pmon):
 
 def test_user_nobody(pmon):
     if os.geteuid() != 0:
-        pytest.skip("--user needs pmond to run as root")
+        pytest.skip("needs root: --user needs pmond to run as root")
     nobody = pwd.getpwnam("nobody")
+    os.chmod(pmon.home, 0o711)  # the service enters its cwd (pmon.work) as nobody
     svc = pmon.start_service("sleep", "31201", "--user", "nobody", "--name", "lowly")
     assert svc["user"] == "nobody"
     assert pmon.uid_of(svc["pid"]) == nobody.pw_uid

@@ -65,7 +65,7 @@ def test_desc_masks_secrets(pmon: Any) -> None:
     env = dict(pmon.env, API_TOKEN="hunter2", DB_PASSWORD="swordfish", PLAIN_SETTING="visible")
     pmon.run("run", "sleep", "737373", "--name", "masked", env=env)
     out = pmon.run("desc", "masked").stdout
-    assert "API_TOKEN=****" in out and "DB_PASSWORD=****" in out and "PLAIN_SETTING=visible" in out
+    assert "API_TOKEN=***" in out and "DB_PASSWORD=***" in out and "PLAIN_SETTING=visible" in out
     assert "hunter2" not in out and "swordfish" not in out
     for field in ("cpu", "memory", "restart policy", "stdout log", "stderr log", "last exit", "uptime"):
         assert field in out

@@ -1,4 +1,8 @@
-"""The API's routes: each maps one HTTP request onto the supervisor. docs/api.md documents them all."""
+"""The API's routes: each maps one HTTP request onto the supervisor. docs/api.md documents them all.
+
+Every body and query is checked through the spec model (pmon2.spec) before a handler runs, and every
+handler checks the caller (pmon2.daemon.auth): non-root callers see and act on their own services only.
+"""
 
 from __future__ import annotations
 
@@ -6,47 +10,62 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pmon2 import spec as model
+from pmon2.daemon import auth
+from pmon2.daemon.auth import Caller, Forbidden
 from pmon2.daemon.server import unquote
 from pmon2.daemon.supervisor import Supervisor
-from pmon2.errors import BadRequest, NotFound
+from pmon2.errors import NotFound
 
-Route = tuple[str, re.Pattern[str], Callable[..., Awaitable[tuple[int, Any]]]]
+Handler = Callable[..., Awaitable[tuple[int, Any]]]
+# (method, path pattern, body fields, query fields, handler)
+Route = tuple[str, re.Pattern[str], tuple[model.Field, ...], tuple[model.Field, ...], Handler]
 
 
 class Api:
     def __init__(self, supervisor: Supervisor, info: Callable[[], dict[str, Any]],
-                 shutdown: Callable[[], None]) -> None:
+                 shutdown: Callable[[], None], peers: auth.PeerPolicy | None = None) -> None:
         self.sup = supervisor
         self.info = info
         self.shutdown = shutdown
+        self.peers = peers
+        ref = r"/v1/services/(?P<ref>[^/]+)"
+        none = model.NO_FIELDS
         self.routes: list[Route] = [
-            ("GET", re.compile(r"/v1/version"), self.get_version),
-            ("GET", re.compile(r"/v1/daemon"), self.get_daemon),
-            ("POST", re.compile(r"/v1/daemon/shutdown"), self.post_shutdown),
-            ("GET", re.compile(r"/v1/services"), self.list_services),
-            ("POST", re.compile(r"/v1/services"), self.create_service),
-            ("GET", re.compile(r"/v1/services/(?P<ref>[^/]+)"), self.get_service),
-            ("DELETE", re.compile(r"/v1/services/(?P<ref>[^/]+)"), self.delete_service),
-            ("POST", re.compile(r"/v1/services/(?P<ref>[^/]+)/start"), self.start),
-            ("POST", re.compile(r"/v1/services/(?P<ref>[^/]+)/stop"), self.stop),
-            ("POST", re.compile(r"/v1/services/(?P<ref>[^/]+)/restart"), self.restart),
-            ("POST", re.compile(r"/v1/services/(?P<ref>[^/]+)/reload"), self.reload),
-            ("GET", re.compile(r"/v1/services/(?P<ref>[^/]+)/events"), self.service_events),
-            ("GET", re.compile(r"/v1/events"), self.all_events),
-            ("POST", re.compile(r"/v1/services/(?P<ref>[^/]+)/flush"), self.flush),
-            ("POST", re.compile(r"/v1/flush"), self.flush_all),
+            ("GET", re.compile(r"/v1/version"), none, none, self.get_version),
+            ("GET", re.compile(r"/v1/daemon"), none, none, self.get_daemon),
+            ("POST", re.compile(r"/v1/daemon/shutdown"), none, none, self.post_shutdown),
+            ("GET", re.compile(r"/v1/services"), none, none, self.list_services),
+            ("POST", re.compile(r"/v1/services"), model.SERVICE_FIELDS, none, self.create_service),
+            ("GET", re.compile(ref), none, (model.SHOW_ENV,), self.get_service),
+            ("DELETE", re.compile(ref), none, (model.FORCE,), self.delete_service),
+            ("POST", re.compile(ref + "/start"), none, none, self.start),
+            ("POST", re.compile(ref + "/stop"), model.STOP_FIELDS, none, self.stop),
+            ("POST", re.compile(ref + "/restart"), none, none, self.restart),
+            ("POST", re.compile(ref + "/reload"), model.RELOAD_FIELDS, none, self.reload),
+            ("GET", re.compile(ref + "/events"), none, (model.LIMIT,), self.service_events),
+            ("GET", re.compile(r"/v1/events"), none, (model.LIMIT,), self.all_events),
+            ("POST", re.compile(ref + "/flush"), none, none, self.flush),
+            ("POST", re.compile(r"/v1/flush"), none, none, self.flush_all),
         ]
 
-    async def __call__(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+    async def __call__(self, method: str, path: str, query: dict[str, list[str]], body: dict[str, Any] | None,
+                       caller: Caller) -> tuple[int, Any]:
         path_matched = False
-        for verb, pattern, handler in self.routes:
+        for verb, pattern, body_fields, query_fields, handler in self.routes:
             m = pattern.fullmatch(path)
             if m is None:
                 continue
             path_matched = True
             if verb == method:
                 params = {k: unquote(v) for k, v in m.groupdict().items()}
-                return await handler(query=query, body=body if isinstance(body, dict) else {}, **params)
+                fields = model.check_body(body, body_fields)
+                options = model.check_query(query, query_fields)
+                token = auth.CALLER.set(caller)
+                try:
+                    return await handler(caller=caller, fields=fields, options=options, **params)
+                finally:
+                    auth.CALLER.reset(token)
         if path_matched:
             return 405, {"error": {"code": "method_not_allowed", "message": f"{method} is not allowed on {path}"}}
         raise NotFound(f"no such endpoint: {path}")
@@ -56,56 +75,66 @@ class Api:
         return 200, {"version": info["version"], "pid": info["pid"]}
 
     async def get_daemon(self, **_: Any) -> tuple[int, Any]:
-        return 200, self.info() | self.sup.daemon_status()
+        access = self.peers.describe() if self.peers is not None else None
+        return 200, self.info() | self.sup.daemon_status() | {"access": access}
 
-    async def post_shutdown(self, **_: Any) -> tuple[int, Any]:
+    async def post_shutdown(self, caller: Caller, **_: Any) -> tuple[int, Any]:
+        caller.require_root("daemon shutdown")
         self.shutdown()
         return 202, {"stopping": True, "pid": self.info()["pid"], "services_left_running": True}
 
-    async def list_services(self, **_: Any) -> tuple[int, Any]:
-        return 200, [self.sup.view(s) for s in self.sup.services.values()]
+    async def list_services(self, caller: Caller, **_: Any) -> tuple[int, Any]:
+        return 200, [self.sup.view(s) for s in self.sup.services.values() if caller.owns(s.uid)]
 
-    async def create_service(self, body: dict[str, Any], **_: Any) -> tuple[int, Any]:
-        svc = await self.sup.create(body)
+    async def create_service(self, caller: Caller, fields: dict[str, Any], **_: Any) -> tuple[int, Any]:
+        if not caller.privileged:
+            # A non-root caller's services run as itself: never as pmond's uid, never as another user.
+            own = auth.user_name(caller.uid)
+            user = fields.get("user") or own
+            if auth.uid_of_user(user) != caller.uid:
+                raise Forbidden(f"user: you may only run services as yourself ({own})")
+            fields["user"] = user
+        svc = await self.sup.create(fields)
         return 201, self.sup.view(svc, detail=True)
 
-    async def get_service(self, ref: str, **_: Any) -> tuple[int, Any]:
-        return 200, self.sup.view(self.sup.find(ref), detail=True)
+    async def get_service(self, ref: str, caller: Caller, options: dict[str, Any], **_: Any) -> tuple[int, Any]:
+        svc = self.sup.find(ref, caller)
+        # Owners only reach this far, so show_env is already limited to root and the service's user.
+        return 200, self.sup.view(svc, detail=True, show_env=options["show_env"])
 
-    async def delete_service(self, ref: str, **_: Any) -> tuple[int, Any]:
-        svc = await self.sup.delete(ref)
+    async def delete_service(self, ref: str, caller: Caller, options: dict[str, Any], **_: Any) -> tuple[int, Any]:
+        svc = await self.sup.delete(self._own(ref, caller), force=options["force"])
         return 200, {"id": svc.id, "name": svc.name, "deleted": True}
 
-    async def start(self, ref: str, **_: Any) -> tuple[int, Any]:
-        return 200, self.sup.view(await self.sup.start(ref), detail=True)
+    async def start(self, ref: str, caller: Caller, **_: Any) -> tuple[int, Any]:
+        return 200, self.sup.view(await self.sup.start(self._own(ref, caller)), detail=True)
 
-    async def stop(self, ref: str, body: dict[str, Any], **_: Any) -> tuple[int, Any]:
-        return 200, self.sup.view(await self.sup.stop(ref, force=bool(body.get("force"))), detail=True)
+    async def stop(self, ref: str, caller: Caller, fields: dict[str, Any], **_: Any) -> tuple[int, Any]:
+        svc = await self.sup.stop(self._own(ref, caller), force=fields.get("force", False))
+        return 200, self.sup.view(svc, detail=True)
 
-    async def restart(self, ref: str, **_: Any) -> tuple[int, Any]:
-        return 200, self.sup.view(await self.sup.restart(ref), detail=True)
+    async def restart(self, ref: str, caller: Caller, **_: Any) -> tuple[int, Any]:
+        return 200, self.sup.view(await self.sup.restart(self._own(ref, caller)), detail=True)
 
-    async def reload(self, ref: str, body: dict[str, Any], **_: Any) -> tuple[int, Any]:
-        svc, sig = await self.sup.reload(ref, body.get("signal"))
+    async def reload(self, ref: str, caller: Caller, fields: dict[str, Any], **_: Any) -> tuple[int, Any]:
+        svc, sig = await self.sup.reload(self._own(ref, caller), fields.get("signal"))
         return 200, self.sup.view(svc, detail=True) | {"signal": sig}
 
-    async def service_events(self, ref: str, query: dict[str, list[str]], **_: Any) -> tuple[int, Any]:
-        svc = self.sup.find(ref)
-        return 200, self.sup.store.events(svc.id, _limit(query))
+    async def service_events(self, ref: str, caller: Caller, options: dict[str, Any], **_: Any) -> tuple[int, Any]:
+        svc = self.sup.find(ref, caller)
+        return 200, self.sup.store.events(svc.id, options["limit"])
 
-    async def all_events(self, query: dict[str, list[str]], **_: Any) -> tuple[int, Any]:
-        return 200, self.sup.store.events(None, _limit(query))
+    async def all_events(self, caller: Caller, options: dict[str, Any], **_: Any) -> tuple[int, Any]:
+        owner = None if caller.privileged else caller.uid
+        return 200, self.sup.store.events(None, options["limit"], owner_uid=owner)
 
+    async def flush(self, ref: str, caller: Caller, **_: Any) -> tuple[int, Any]:
+        return 200, {"files": self.sup.flush([self.sup.find(ref, caller)])}
 
-    async def flush(self, ref: str, **_: Any) -> tuple[int, Any]:
-        return 200, {"files": self.sup.flush([self.sup.find(ref)])}
-
-    async def flush_all(self, **_: Any) -> tuple[int, Any]:
+    async def flush_all(self, caller: Caller, **_: Any) -> tuple[int, Any]:
+        caller.require_root("flush of every service")
         return 200, {"files": self.sup.flush(list(self.sup.services.values()))}
 
-
-def _limit(query: dict[str, list[str]]) -> int:
-    raw = query.get("limit", ["50"])[-1]
-    if not raw.isdigit() or not 0 < int(raw) <= 100_000:
-        raise BadRequest("limit must be a whole number from 1 to 100000")
-    return int(raw)
+    def _own(self, ref: str, caller: Caller) -> str:
+        """The id of the service `ref` names, if the caller owns it (else NotFound, as if absent)."""
+        return str(self.sup.find(ref, caller).id)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import shlex
 
 from pmon2.render.table import STATUS_STYLE, status_text
@@ -12,8 +11,6 @@ from pmon2.render.text import human_bytes, human_duration, human_runtime, paint
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
-
-SECRET_KEY = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 
 
 def describe_exit(last_exit: dict[str, Any] | None) -> str:
@@ -32,8 +29,10 @@ def describe_exit(last_exit: dict[str, Any] | None) -> str:
     return f"{what}{after}, at {last_exit.get('at') or 'an unknown time'}"
 
 
-def mask_env(env: dict[str, str]) -> list[str]:
-    return [f"{k}={'****' if SECRET_KEY.search(k) else v}" for k, v in sorted(env.items())]
+def env_lines(env: dict[str, str]) -> list[str]:
+    """KEY=VALUE lines, sorted. pmond masks secret values (pmon2.spec.mask_env) before they get here,
+    unless `desc --show-env` asked for them in clear."""
+    return [f"{k}={v}" for k, v in sorted(env.items())]
 
 
 def render_detail(svc: dict[str, Any], color: bool) -> str:
@@ -64,8 +63,9 @@ def render_detail(svc: dict[str, Any], color: bool) -> str:
     if svc["status"] == "backoff" and svc.get("retry_at"):
         rows.append(("next attempt", svc["retry_at"]))
     rows += [("stdout log", svc["out_log"]), ("stderr log", svc["err_log"])]
-    env = mask_env(svc.get("env") or {})
-    rows.append(("env", f"{len(env)} variables" if env else "-"))
+    env = env_lines(svc.get("env") or {})
+    masked = " (secrets masked; desc --show-env shows them)" if svc.get("env_masked") else ""
+    rows.append(("env", f"{len(env)} variables{masked}" if env else "-"))
     key_w = max(len(k) for k, _ in rows)
     title = paint(f"{svc['name']}", "bold", color)
     lines = [title] + [f"  {paint(k.ljust(key_w), 'cyan', color)}  {v}" for k, v in rows]

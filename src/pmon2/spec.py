@@ -1,0 +1,403 @@
+"""The one typed model of a service and of every API request: fields, types, defaults, units, docs.
+
+Everything that takes a service field from a user goes through here: the CLI's `run` flags (parsed
+from text with `Field.from_text`), the API's request bodies and query strings (checked strictly with
+`check_body` / `check_query`), and the JSON Schema (`json_schema`). No other code validates or
+defaults a field. Checks are strict: only JSON `true` is true, numbers must be finite JSON numbers,
+ids are ASCII digits, and every error names its field (a `BadRequest`, HTTP 400).
+
+Also here, because every view of a service needs them: the secret masking of environments
+(`mask_env`) and the session variables a CLI does not hand to a service (`SESSION_ENV`).
+
+This module is imported by the CLI on `run` only: it uses the standard library's cheap modules.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import unicodedata
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pmon2.errors import BadRequest
+
+# limits of what a request may hold: a name shows in file names (255 bytes each, with "-out.log.10.gz")
+NAME_MAX_CHARS = 64
+NAME_MAX_BYTES = 128
+MAX_SECONDS = 86400.0
+MAX_LOG_SIZE = 1 << 50
+MAX_ARGS = 4096
+MAX_ENV = 4096
+MAX_STRING = 64 * 1024
+
+
+class FieldError(BadRequest):
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
+
+
+# checks of JSON values: each returns the normalised value or raises ValueError with the problem
+
+
+def _string(value: Any, *, empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, not {_type_name(value)}")
+    if not value and not empty:
+        raise ValueError("must not be empty")
+    if len(value) > MAX_STRING:
+        raise ValueError(f"is longer than {MAX_STRING} characters")
+    if "\0" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, not {_type_name(value)}")
+    return value
+
+
+def _integer(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be a whole number, not {_type_name(value)}")
+        if not lo <= value <= hi:
+            raise ValueError(f"must be a whole number from {lo} to {hi}")
+        return value
+    return check
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be a number of seconds, not {_type_name(value)}")
+    if not math.isfinite(value) or not 0 <= value <= MAX_SECONDS:
+        raise ValueError(f"must be between 0 and {MAX_SECONDS:g} seconds")
+    return float(value)
+
+
+def _abs_path(value: Any) -> str:
+    path = _string(value)
+    if not path.startswith("/"):
+        raise ValueError(f"must be an absolute path, not {path!r}")
+    return os.path.normpath(path)
+
+
+def _path(value: Any) -> str:
+    return _string(value)
+
+
+def _argv(value: Any) -> list[str]:
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of strings, not {_type_name(value)}")
+    if not value:
+        raise ValueError("a command is needed: pmon2 run ./bin/app [args...]")
+    if len(value) > MAX_ARGS:
+        raise ValueError(f"has more than {MAX_ARGS} arguments")
+    out = []
+    for i, arg in enumerate(value):
+        try:
+            out.append(_string(arg, empty=i > 0))
+        except ValueError as exc:
+            raise ValueError(f"item {i} {exc}") from None
+    return out
+
+
+def _env(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ValueError(f"must be an object of names to strings, not {_type_name(value)}")
+    if len(value) > MAX_ENV:
+        raise ValueError(f"has more than {MAX_ENV} variables")
+    for key, item in value.items():
+        if not key or "=" in key or "\0" in key:
+            raise ValueError(f"{key!r} is not a valid variable name")
+        try:
+            _string(item, empty=True)
+        except ValueError as exc:
+            raise ValueError(f"{key} {exc}") from None
+    return dict(value)
+
+
+def _signal(value: Any) -> str:
+    from pmon2.signals import parse_signal
+
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError(f"must be a signal name or number, not {_type_name(value)}")
+    if isinstance(value, str) and not (value.isascii() and value.strip()):
+        raise ValueError(f"unknown signal {value!r}")
+    try:
+        return parse_signal(value).name
+    except BadRequest as exc:
+        raise ValueError(exc.message) from None
+
+
+SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "KIB": 1 << 10, "M": 1 << 20, "MB": 1 << 20,
+              "MIB": 1 << 20, "G": 1 << 30, "GB": 1 << 30, "GIB": 1 << 30}
+
+
+def parse_size(value: Any) -> int:
+    """10485760, "10M", "512K", "1.5G" -> bytes; at least 1 KiB. Raises ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f"must be a size such as 10M or a number of bytes, not {_type_name(value)}")
+    if isinstance(value, str):
+        text = value.strip().upper().replace(" ", "")
+        number = text.rstrip("KMGIB")
+        unit = text[len(number):]
+        try:
+            if unit not in SIZE_UNITS or not number or not number.isascii():
+                raise ValueError
+            amount = float(number) * SIZE_UNITS[unit]
+        except ValueError:
+            raise ValueError(f"not a size: {value!r} (try 10M, 512K or a number of bytes)") from None
+    else:
+        amount = value
+    if not math.isfinite(amount) or not 1024 <= amount <= MAX_LOG_SIZE:
+        raise ValueError(f"must be from 1K to 1P, not {value!r}")
+    return int(amount)
+
+
+def check_name(value: Any) -> str:
+    """A service name: printable Unicode letters and digits plus `. _ - @ +`, NFC-normalised, at most
+    64 characters and 128 bytes of UTF-8 (every derived file name then stays under NAME_MAX, 255 bytes,
+    see limits.h); not starting with `.` or `-`, not only digits (those are ids), and no `:` (reserved
+    for instances, web:0)."""
+    name = unicodedata.normalize("NFC", _string(value, empty=True))
+    rule = ("letters, digits and . _ - @ +, at most 64 characters, not starting with '.' or '-', "
+            "not only digits")
+    if not name:
+        raise ValueError(f"must not be empty ({rule})")
+    if len(name) > NAME_MAX_CHARS or len(name.encode()) > NAME_MAX_BYTES:
+        raise ValueError(f"{name[:20]!r}... is too long: at most {NAME_MAX_CHARS} characters and "
+                         f"{NAME_MAX_BYTES} bytes")
+    if name[0] in ".-":
+        raise ValueError(f"{name!r} may not begin with {name[0]!r} ({rule})")
+    bad = next((c for c in name if not (c in "._-@+" or unicodedata.category(c)[0] in "LN")), None)
+    if bad is not None:
+        what = "':' is reserved for instances (web:0)" if bad == ":" else f"{bad!r} is not allowed"
+        raise ValueError(f"{name!r}: {what} ({rule})")
+    if all(unicodedata.category(c) == "Nd" or c.isdigit() for c in name):
+        raise ValueError(f"{name!r} is only digits, which reads as an id ({rule})")
+    return name
+
+
+def parse_id(ref: str) -> int | None:
+    """A service id when `ref` is ASCII digits (so '²' or '٣' are never ids), else None."""
+    if ref.isascii() and ref.isdigit() and len(ref) <= 18:
+        return int(ref)
+    return None
+
+
+class Field:
+    """One field: its JSON type (for the schema), a check of a JSON value, a parser of CLI text, a
+    default (a value, or None meaning "set by pmond": see `doc`), a unit and documentation."""
+
+    __slots__ = ("check", "default", "doc", "flag", "name", "parse_text", "schema", "unit")
+
+    def __init__(self, name: str, schema: dict[str, Any], check: Callable[[Any], Any], doc: str, *,
+                 default: Any = None, unit: str | None = None, flag: str | None = None,
+                 parse_text: Callable[[str], Any] | None = None) -> None:
+        self.name = name
+        self.schema = schema
+        self.check = check
+        self.doc = doc
+        self.default = default
+        self.unit = unit
+        self.flag = flag
+        self.parse_text = parse_text or (lambda text: text)
+
+    def validate(self, value: Any) -> Any:
+        try:
+            return self.check(value)
+        except ValueError as exc:
+            raise FieldError(self.name, str(exc)) from None
+
+    def from_text(self, text: str) -> Any:
+        """A CLI flag's text -> the JSON value the API takes; errors name the flag."""
+        try:
+            return self.check(self.parse_text(text))
+        except ValueError as exc:
+            raise FieldError(self.flag or self.name, str(exc)) from None
+
+
+def _number_text(text: str) -> float:
+    try:
+        if not text.isascii():
+            raise ValueError
+        return float(text)
+    except ValueError:
+        raise ValueError(f"must be a number of seconds, not {text!r}") from None
+
+
+def _bool_text(text: str) -> bool:
+    if text not in ("true", "false", "1", "0"):
+        raise ValueError(f"must be true or false, not {text!r}")
+    return text in ("true", "1")
+
+
+def _int_text(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"must be a whole number, not {text!r}")
+    return int(text)
+
+
+_NUMBER = {"type": "number", "minimum": 0, "maximum": MAX_SECONDS}
+_NULLABLE_STRING = {"type": ["string", "null"]}
+
+# The service: what `run` and POST /v1/services take. Order is the order of docs.
+SERVICE_FIELDS: tuple[Field, ...] = (
+    Field("argv", {"type": "array", "items": {"type": "string"}, "minItems": 1}, _argv,
+          "The command and its arguments, passed verbatim (no shell). argv[0] is looked up in PATH.",
+          default=None),
+    Field("name", {"type": "string", "maxLength": NAME_MAX_CHARS}, check_name,
+          "The service's name; default: the basename of argv[0]. Unicode letters and digits plus `. _ - @ +`, "
+          "at most 64 characters and 128 bytes; not starting with `.` or `-`, not only digits, no `:`.",
+          flag="--name"),
+    Field("cwd", {"type": "string"}, _abs_path, "Working directory, an absolute path; `run` sends the caller's.",
+          default="/"),
+    Field("env", {"type": "object", "additionalProperties": {"type": "string"}}, _env,
+          "The service's environment; `run` sends the caller's minus session variables (SESSION_ENV) "
+          "and PMON2_*, or an empty one with --env-clear, plus each --env KEY=VALUE.", default={}),
+    Field("user", _NULLABLE_STRING, lambda v: None if v is None else _string(v),
+          "Unix user the service runs as (systemd's User=). Default: the caller; pmond's own user for root.",
+          flag="--user"),
+    Field("log", _NULLABLE_STRING, lambda v: None if v is None else _path(v),
+          "One file for stdout and stderr; relative to cwd.", flag="--log"),
+    Field("log_dir", _NULLABLE_STRING, lambda v: None if v is None else _path(v),
+          "Directory of NAME-out.log and NAME-err.log; relative to cwd. Default: pmond's log dir.",
+          flag="--log-dir"),
+    Field("autorestart", {"type": "boolean"}, _boolean,
+          "Restart after every exit a user did not ask for.", default=True, flag="--no-autorestart"),
+    Field("min_uptime", _NUMBER, _seconds, "A shorter run counts as a crash for backoff. Default: config.",
+          unit="s", flag="--min-uptime", parse_text=_number_text),
+    Field("kill_timeout", _NUMBER, _seconds,
+          "Grace time between the stop signal and SIGKILL. Default: config.", unit="s",
+          flag="--kill-timeout", parse_text=_number_text),
+    Field("stop_signal", {"type": ["string", "integer"]}, _signal, "Signal that asks the service to stop.",
+          default="SIGTERM", flag="--stop-signal"),
+    Field("log_max_size", {"type": ["string", "integer"]}, lambda v: None if v is None else parse_size(v),
+          "Rotate a log above this size (10M, 512K, bytes). Default: config.", unit="bytes",
+          flag="--log-max-size"),
+    Field("log_keep", {"type": "integer", "minimum": 0, "maximum": 1000},
+          lambda v: None if v is None else _integer(0, 1000)(v),
+          "Rotated files kept per log. Default: config.", flag="--log-keep", parse_text=_int_text),
+    Field("log_compress", {"type": "boolean"}, lambda v: None if v is None else _boolean(v),
+          "gzip rotated files. Default: config.", flag="--log-compress"),
+)
+SERVICE = {f.name: f for f in SERVICE_FIELDS}
+
+# The other request bodies.
+STOP_FIELDS = (Field("force", {"type": "boolean"}, _boolean, "SIGKILL at once, no grace time.", default=False),)
+RELOAD_FIELDS = (Field("signal", {"type": ["string", "integer", "null"]},
+                       lambda v: None if v is None else _signal(v), "Signal to send; default USR2.",
+                       default=None),)
+NO_FIELDS: tuple[Field, ...] = ()
+
+# Query strings (values are text).
+LIMIT = Field("limit", {"type": "integer", "minimum": 1, "maximum": 100_000},
+              lambda v: _integer(1, 100_000)(_int_text(v)), "How many events, newest first.", default=50)
+FORCE = Field("force", {"type": "boolean"}, lambda v: _bool_text(v), "SIGKILL at once, no grace time.",
+              default=False)
+SHOW_ENV = Field("show_env", {"type": "boolean"}, lambda v: _bool_text(v),
+                 "Show environment values in clear (root and the service's own user only).", default=False)
+
+
+def check_body(body: Mapping[str, Any] | None, fields: tuple[Field, ...]) -> dict[str, Any]:
+    """A request body (None: empty) -> {field: checked value} for the fields it holds. Unknown fields
+    are refused, so a typo is never silently ignored. Raises FieldError / BadRequest."""
+    if body is None:
+        return {}
+    if not isinstance(body, dict):
+        raise BadRequest("the request body must be a JSON object")
+    known = {f.name: f for f in fields}
+    out: dict[str, Any] = {}
+    for key, value in body.items():
+        field = known.get(key)
+        if field is None:
+            names = ", ".join(known) or "none"
+            raise BadRequest(f"unknown field {key!r} (known: {names})")
+        out[key] = field.validate(value)
+    return out
+
+
+def check_query(query: Mapping[str, list[str]], fields: tuple[Field, ...]) -> dict[str, Any]:
+    """A query string ({key: [values]}) -> {field: value}, with defaults; the last value of a key wins."""
+    known = {f.name: f for f in fields}
+    out = {f.name: f.default for f in fields}
+    for key, values in query.items():
+        field = known.get(key)
+        if field is None:
+            raise BadRequest(f"unknown query parameter {key!r}")
+        out[key] = field.validate(values[-1])
+    return out
+
+
+def json_schema() -> dict[str, Any]:
+    """A JSON Schema (draft 2020-12) of POST /v1/services, derived from SERVICE_FIELDS."""
+    props = {}
+    for f in SERVICE_FIELDS:
+        prop = dict(f.schema, description=f.doc)
+        if f.unit:
+            prop["x-unit"] = f.unit
+        if f.default is not None:
+            prop["default"] = f.default
+        props[f.name] = prop
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "pmon2 service",
+            "type": "object", "properties": props, "required": ["argv"], "additionalProperties": False}
+
+
+# environments
+
+# Variables that describe the caller's login session, not the service: a service that kept them would
+# hold a dead ssh agent, a display it may not use, or the caller's session id.
+SESSION_ENV = frozenset({
+    "SSH_AUTH_SOCK", "SSH_AGENT_PID", "SSH_CONNECTION", "SSH_CLIENT", "SSH_TTY", "SSH_ASKPASS",
+    "DISPLAY", "WAYLAND_DISPLAY", "XAUTHORITY", "XDG_SESSION_ID", "XDG_SESSION_TYPE", "XDG_SESSION_CLASS",
+    "XDG_SESSION_DESKTOP", "XDG_SEAT", "XDG_VTNR", "XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS",
+    "GPG_AGENT_INFO", "TMUX", "TMUX_PANE", "STY", "WINDOW", "TERM_SESSION_ID", "OLDPWD", "SHLVL", "_",
+    "MAIL", "KRB5CCNAME", "WINDOWID", "COLORTERM", "LS_COLORS",
+})
+
+
+def service_env(caller_env: Mapping[str, str]) -> dict[str, str]:
+    """The environment `run` stores: the caller's minus SESSION_ENV and pmon2's own PMON2_* variables."""
+    return {k: v for k, v in caller_env.items() if k not in SESSION_ENV and not k.startswith("PMON2_")}
+
+
+SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASS|CREDENTIAL|AUTH|PRIVATE|SESSION|COOKIE|SIGNATURE|SALT|DSN",
+                         re.IGNORECASE)
+# scheme://user:password@host -> the password part (RFC 3986 userinfo)
+URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/:@\s]*:)(?P<pw>[^@\s/]*)(?P<at>@)")
+MASK = "***"
+
+
+def mask_value(name: str, value: str) -> str:
+    if SECRET_NAME.search(name):
+        return MASK
+    return URL_PASSWORD.sub(lambda m: m["head"] + MASK + m["at"], value)
+
+
+def mask_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The values of names that look secret, and the password of any URL-shaped value, as `***`."""
+    return {k: mask_value(k, v) for k, v in env.items()}
+
+
+def markdown_table(fields: tuple[Field, ...] = SERVICE_FIELDS) -> str:
+    """The fields as the Markdown table in docs/api.md (tests/unit/test_spec.py keeps the two in sync)."""
+    import json
+
+    rows = ["| field | type | default | unit | meaning |", "|---|---|---|---|---|"]
+    for f in fields:
+        kind = f.schema.get("type", "")
+        kind = " or ".join(kind) if isinstance(kind, list) else kind
+        default = "required" if f.name == "argv" else ("-" if f.default is None else f"`{json.dumps(f.default)}`")
+        rows.append(f"| `{f.name}` | {kind} | {default} | {f.unit or '-'} | {f.doc} |")
+    return "\n".join(rows)
