@@ -3,7 +3,7 @@
 Why a helper: a fork copies the forking process's page tables, and the child then pays a copy-on-write
 fault for every page it touches. From pmond (about 20 MB resident) the child of a fork ran its first
 instruction 2.0 ms after the fork began, here; from a bare interpreter, 1.0 ms. So pmond starts this
-module once, as `python -I -S` (nothing but os, signal, marshal and _socket loaded), and hands it each
+module once, as `python -I -S` (nothing but os, signal, marshal, errno and _socket loaded), and hands it each
 launch over a SOCK_SEQPACKET socketpair: the request, and the two pipe ends the intermediate reports on.
 
 The launcher keeps one child forked ahead, waiting on the socket; the child that takes a request
@@ -14,21 +14,44 @@ pmond has a pidfd on it, so the pid cannot be reused under pmond's feet; then it
 service's parent becomes init (or pmond, when pmond is the subreaper). If pmond never acknowledges,
 the intermediate kills the service rather than leave a process nobody knows of.
 
+Log files are where a service's user could attack pmond, which often runs as root: a service that
+can write its log dir can put a symbolic link, a hard link or a FIFO in place of its log before it
+exits, and the next start would append to, or block on, whatever that names. So the intermediate opens
+a log in one of two ways (see open_log):
+
+- in pmond's own log dir, when that dir is owned by pmond's user and writable by no one else (so no
+  service can plant anything there), it creates the file itself, before the user switch, relative to
+  an fd of the dir, and gives it to the service's user with fchown;
+- anywhere else (a --log or --log_dir the user chose), it opens the file only after switching to the
+  service's user: a service never writes where its user could not.
+
+Either way the open does not follow a symbolic link (O_NOFOLLOW) nor block (O_NONBLOCK), and fstat
+must show a regular file; anything else is refused, and the service is not started.
+
 pmond falls back to forking the intermediate itself (same code) when the launcher is not there.
-This module must stay on builtin modules (and _socket): it is the launcher's whole import cost.
+This module must stay on builtin modules (and _socket; stat comes with os): it is the launcher's whole
+import cost.
 """
 
 import _socket
+import errno
 import marshal
 import os
 import signal
+import stat
 import sys
 
-# Request: marshal of (exe, argv, env, cwd, out_log, err_log, ident), ident None or (uid, gid, groups).
+# Request: marshal of (exe, argv, env, cwd, out_log, err_log, ident, trusted_log_dir), ident None or
+# (uid, gid, groups), trusted_log_dir None or pmond's own log dir (a request of 7 items has none).
 # Reports on the status pipe: b"P" + pid of the service + pid of the intermediate (8 bytes each,
-# little-endian), or b"E" + stage + NUL + errno when the set-up or the exec failed.
+# little-endian), or b"E" + stage + NUL + errno [+ NUL + reason] when the set-up or the exec failed;
+# a reason ("is a symbolic link") says why a log file was refused, with errno 0.
 MAX_REQUEST = 1 << 20
 LOG_MODE = 0o640
+# open(2): O_NOFOLLOW fails with ELOOP on a symbolic link; O_NONBLOCK makes the open of a FIFO without
+# a reader fail with ENXIO instead of waiting for one (and of one with a reader succeed, for fstat to
+# refuse). O_APPEND: copytruncate rotation then leaves no sparse file.
+LOG_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def pack_report(service: int, intermediate: int) -> bytes:
@@ -59,11 +82,106 @@ def _close_all_but(keep: list[int]) -> None:
     os.closerange(low, 1 << 20)
 
 
+class Refused(Exception):
+    """A log file that is not a plain file of its own (its message says what it is instead): the service
+    is not started, rather than write through it."""
+
+
+_KINDS = ((stat.S_ISLNK, "is a symbolic link"), (stat.S_ISFIFO, "is a FIFO"), (stat.S_ISSOCK, "is a socket"),
+          (stat.S_ISCHR, "is a device"), (stat.S_ISBLK, "is a device"), (stat.S_ISDIR, "is a directory"))
+
+
+def _kind(mode: int) -> str | None:
+    """Why a file of this mode is no log file; None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    for test, what in _KINDS:
+        if test(mode):
+            return what
+    return "is not a regular file"
+
+
+def trusted_dir_fd(path: str) -> int:
+    """An fd of `path` when no service can plant anything in it: a directory (not a symbolic link to one),
+    owned by pmond's user, writable by neither group nor others. -1 otherwise.
+
+    Files are then opened relative to this fd (openat), so the dir cannot be swapped under the opens."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return -1
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def _open(name: str, flags: int, dirfd: int) -> int:
+    """open(2) of a log, with the errors that mean "this is no plain file" turned into Refused."""
+    try:
+        return os.open(name, flags, LOG_MODE, dir_fd=dirfd if dirfd >= 0 else None)
+    except OSError as exc:
+        # ELOOP: O_NOFOLLOW met a symbolic link. ENXIO: a FIFO without a reader (O_NONBLOCK), or a socket.
+        # EISDIR: a directory opened for writing. Ask lstat which it is, for the message.
+        if exc.errno not in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise
+        try:
+            what = _kind(os.stat(name, dir_fd=dirfd if dirfd >= 0 else None, follow_symlinks=False).st_mode)
+        except OSError:
+            what = None
+        if what is None and exc.errno == errno.ENXIO:
+            what = "is a FIFO"
+        if what is None:
+            raise
+        raise Refused(what) from None
+
+
+def open_log(path: str, dirfd: int = -1, owner: tuple[int, int] | None = None) -> int:
+    """Open a log file for the service to append to; raises OSError, or Refused for anything that is not
+    a regular file of its own.
+
+    With `dirfd` (pmond's own log dir, from trusted_dir_fd), the file is created here with O_EXCL, or an
+    existing one opened, both relative to the dir fd, and given to `owner` (uid, gid) with fchown, so a
+    service that runs as another user owns its log (files of older versions, created by root, change
+    owner at the next start). It must have exactly one link: a second name for it could be anywhere.
+    Without `dirfd`, `path` is opened as whoever this process is now (the service's user: see
+    intermediate). As root, a hard link is refused there as well: root writes through any link."""
+    if dirfd >= 0:
+        name = path.rpartition("/")[2]
+        try:
+            fd = _open(name, LOG_FLAGS | os.O_CREAT | os.O_EXCL, dirfd)
+        except FileExistsError:  # O_EXCL: even a dangling symbolic link counts as existing (open(2))
+            fd = _open(name, LOG_FLAGS, dirfd)
+    else:
+        fd = _open(path, LOG_FLAGS | os.O_CREAT, -1)
+    try:
+        st = os.fstat(fd)
+        what = _kind(st.st_mode)
+        if what is not None:
+            raise Refused(what)
+        if st.st_nlink != 1 and (dirfd >= 0 or os.geteuid() == 0):
+            raise Refused(f"has {st.st_nlink} hard links")
+        if owner is not None and (st.st_uid, st.st_gid) != owner:
+            os.fchown(fd, *owner)
+        os.set_blocking(fd, True)  # fcntl(2) F_SETFL: the service's writes must wait, not fail with EAGAIN
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def intermediate(req: tuple, status_w: int, ack_r: int, changed: list[int] | None = None,  # type: ignore[type-arg]
                  spawned_w: int = -1) -> int:
     """Runs in the intermediate child; returns its exit code. `spawned_w`, when given, gets a byte once
-    the service is started (or failed to start)."""
-    exe, argv, env, cwd, out_log, err_log, ident = req
+    the service is started (or failed to start).
+
+    The order matters: logs in pmond's own dir are opened before the user switch (by pmond's user, who
+    alone can write there), every other log after it, so that it is opened with the service's rights;
+    and the cwd is entered as the service's user as well, or a service could be handed a cwd inside a
+    directory it may not enter."""
+    exe, argv, env, cwd, out_log, err_log, ident = req[:7]
+    trusted = req[7] if len(req) > 7 else None
     stage = "setsid"
     try:
         try:
@@ -71,23 +189,33 @@ def intermediate(req: tuple, status_w: int, ack_r: int, changed: list[int] | Non
             _close_all_but([status_w, ack_r, spawned_w])
             stage = "stdin"
             devnull = os.open("/dev/null", os.O_RDONLY)
-            stage = "log " + out_log
-            out = os.open(out_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, LOG_MODE)
-            stage = "log " + err_log
-            err = out if err_log == out_log else os.open(err_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, LOG_MODE)
-            # dup2 here rather than as spawn file actions: this process is thrown away, and 0-2 end up
-            # inheritable whatever numbers the opens returned.
-            os.dup2(devnull, 0)
-            os.dup2(out, 1)
-            os.dup2(err, 2)
-            stage = "cwd " + cwd
-            os.chdir(cwd)
+            logs = dict.fromkeys((out_log, err_log), -1)
+            dirfd = -1
+            if trusted is not None and any(p.rpartition("/")[0] == trusted for p in logs):
+                dirfd = trusted_dir_fd(trusted)
+            for path in logs:
+                if dirfd >= 0 and path.rpartition("/")[0] == trusted:
+                    stage = "log " + path
+                    logs[path] = open_log(path, dirfd, None if ident is None else (ident[0], ident[1]))
             if ident is not None:
                 stage = "user"
                 uid, gid, groups = ident
                 os.setgroups(groups)
                 os.setgid(gid)
                 os.setuid(uid)
+            for path, fd in logs.items():
+                if fd < 0:
+                    stage = "log " + path
+                    # A missing log dir is made here, with the service's rights, never by root.
+                    os.makedirs(path.rpartition("/")[0] or "/", 0o755, exist_ok=True)
+                    logs[path] = open_log(path)
+            # dup2 here rather than as spawn file actions: this process is thrown away, and 0-2 end up
+            # inheritable whatever numbers the opens returned.
+            os.dup2(devnull, 0)
+            os.dup2(logs[out_log], 1)
+            os.dup2(logs[err_log], 2)
+            stage = "cwd " + cwd
+            os.chdir(cwd)
             if changed is None:
                 changed = changed_signals()
             stage = "exec " + exe
@@ -97,6 +225,9 @@ def intermediate(req: tuple, status_w: int, ack_r: int, changed: list[int] | Non
         finally:
             if spawned_w >= 0:
                 _note(spawned_w, b"t")
+    except Refused as exc:
+        os.write(status_w, b"E" + "\0".join((stage, "0", str(exc))).encode())
+        return 127
     except OSError as exc:
         os.write(status_w, b"E" + f"{stage}\0{exc.errno or 0}".encode())
         return 127
