@@ -22,6 +22,14 @@ if TYPE_CHECKING:
     from typing import Any
 
 START_TIMEOUT = 15.0
+# Connecting is quick when pmond is alive (a full listen backlog is the only wait); a stuck connect is not.
+CONNECT_TIMEOUT = 10.0
+# No deadline once a request is sent: a stop with --kill-timeout 600 takes 600 s, and the CLI must wait for
+# it. pmond either answers or, if it dies, the kernel closes its end and recv() returns (a lost connection,
+# below). A pmond that hangs is systemd's watchdog's to notice (pmond.service, WatchdogSec=), not a guess here.
+REQUEST_TIMEOUT: float | None = None
+# systemd's variables for the unit's main process: a pmond that the CLI starts is never that process.
+SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
 
 
 class ApiError(PmonError):
@@ -30,11 +38,19 @@ class ApiError(PmonError):
         self.status = status
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C after a request was sent: pmond carries on with it, and the CLI says so (cli.main)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 class Client:
     def __init__(self, paths: Paths) -> None:
         self.paths = paths
 
-    def _connect(self, timeout: float | None) -> _socket.socket:
+    def _connect(self, timeout: float | None = CONNECT_TIMEOUT) -> _socket.socket:
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
         sock.settimeout(timeout)
         address, dirfd = socket_address(self.paths.socket)
@@ -49,31 +65,42 @@ class Client:
         return sock
 
     def request(self, method: str, path: str, body: Any = None, *, autostart: bool = True,
-                timeout: float | None = 300.0) -> Any:
+                timeout: float | None = REQUEST_TIMEOUT) -> Any:
+        """Send one request and wait for pmond's answer: for `timeout` seconds, or, by default, as long as
+        pmond keeps the connection open. The connect itself is bounded by CONNECT_TIMEOUT (or `timeout`)."""
         payload = b"" if body is None else json.dumps(body).encode()
         head = (f"{method} {path} HTTP/1.1\r\nHost: pmon2\r\nConnection: close\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
+        connect_timeout = CONNECT_TIMEOUT if timeout is None else min(timeout, CONNECT_TIMEOUT)
         try:
-            sock = self._connect(timeout)
+            sock = self._connect(connect_timeout)
         except (FileNotFoundError, ConnectionRefusedError):
             if not autostart:
                 raise DaemonUnreachable("pmond is not running") from None
             self.start_daemon()
-            sock = self._connect(timeout)
+            sock = self._connect(connect_timeout)
         except PermissionError:
             raise DaemonUnreachable(f"permission denied on {self.paths.socket}: run as root or join the "
                                     "pmon2 group") from None
+        except TimeoutError:
+            raise DaemonUnreachable(f"pmond did not accept a connection within {connect_timeout:g} s") from None
         except OSError as exc:
             raise DaemonUnreachable(f"cannot reach pmond at {self.paths.socket}: {exc.strerror}") from None
+        chunks = []
         try:
+            sock.settimeout(timeout)
             sock.sendall(head + payload)
-            chunks = []
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
         except TimeoutError:
             raise DaemonUnreachable(f"pmond did not answer within {timeout:g} s") from None
         except OSError as exc:
             raise DaemonUnreachable(f"lost the connection to pmond: {exc.strerror}") from None
+        except KeyboardInterrupt:
+            # The request may be in pmond's hands already (a stop waiting out its kill timeout): it goes on.
+            if method == "GET":
+                raise Interrupted("interrupted") from None
+            raise Interrupted("interrupted: the operation goes on in pmond (check with `pmon2 ls`)") from None
         finally:
             sock.close()
         status, data = parse_response(b"".join(chunks))
@@ -95,7 +122,7 @@ class Client:
     def daemon_command(self) -> list[str]:
         return [sys.executable, "-m", "pmon2.daemon"]
 
-    def start_daemon(self) -> None:
+    def start_daemon(self, *flags: str) -> None:
         """Start pmond in its own session and wait until it answers on its socket."""
         import subprocess
 
@@ -105,10 +132,10 @@ class Client:
         except OSError as exc:
             raise DaemonUnreachable(f"cannot create {run_dir}: {exc.strerror}") from None
         package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in SYSTEMD_VARIABLES}
         env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         with open(self.paths.start_log, "wb") as start_log:
-            proc = subprocess.Popen(self.daemon_command(), stdin=subprocess.DEVNULL, stdout=start_log,
+            proc = subprocess.Popen([*self.daemon_command(), *flags], stdin=subprocess.DEVNULL, stdout=start_log,
                                     stderr=start_log, start_new_session=True, cwd="/", env=env)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -140,8 +167,8 @@ def quote(text: str) -> str:
 
 def parse_response(raw: bytes) -> tuple[int, Any]:
     head, sep, body = raw.partition(b"\r\n\r\n")
-    if not sep:
-        raise DaemonUnreachable("pmond closed the connection without an answer")
+    if not sep:  # pmond died (or was stopped) while it held the request
+        raise DaemonUnreachable("lost the connection to pmond before it answered (see `pmon2 daemon status`)")
     lines = head.decode("latin-1").split("\r\n")
     try:
         status = int(lines[0].split()[1])
@@ -156,7 +183,7 @@ def parse_response(raw: bytes) -> tuple[int, Any]:
             length = int(value.strip())
     if length is not None:
         if len(body) < length:
-            raise DaemonUnreachable("pmond's answer was cut short")
+            raise DaemonUnreachable("lost the connection to pmond in the middle of its answer")
         body = body[:length]
     try:
         return status, json.loads(body) if body.strip() else None

@@ -6,7 +6,8 @@ other users as a `systemctl --user` unit, with PMON2_HOME carried over when it i
 
 KillMode=process is the heart of it: services leave pmond's process tree (setsid + double fork) but not
 the unit's cgroup, so with systemd's default KillMode=control-group `systemctl stop/restart pmond` would kill
-every service. Nothing here ever stops or restarts a unit that lacks it.
+every service. Nothing here ever stops or restarts a unit that lacks it. Like the packaged pmond.service, the
+unit is Type=notify with a watchdog: pmond speaks sd_notify(3) (daemon/sdnotify.py).
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ KILLMODE_COMMENT = """\
 # `systemctl stop pmond` or `systemctl restart pmond` would kill every service along with pmond. With
 # KillMode=process only pmond gets the signal: the services keep running, and the next pmond re-adopts them.
 # (No sandboxing options here either: the services would inherit them.)"""
+
+NOTIFY_COMMENT = """\
+# Type=notify: pmond says READY=1 (sd_notify(3)) once its API socket listens; WatchdogSec=: it says WATCHDOG=1
+# from its event loop every 15 s, and a pmond that hangs is killed and started again (Restart=on-failure).
+# NotifyAccess=main: only pmond itself may speak for the unit."""
+NOTIFY_LINES = ("Type=notify", "NotifyAccess=main", "WatchdogSec=30s")
+LIMIT_COMMENT = """\
+# pmond raises its soft limit to the hard one; services inherit the soft limit, 1024 (safe for select())."""
+LIMIT_LINE = "LimitNOFILE=1024:524288"
 
 
 class NoSystemd(PmonError):
@@ -133,9 +143,10 @@ def unit_text(inst: Installation, user: bool) -> str:
              "[Unit]", "Description=pmon2 daemon (pmond): keeps services alive"]
     if not user:
         lines += ["After=network-online.target", "Wants=network-online.target"]
-    lines += ["", "[Service]", "Type=simple", "ExecStart=" + " ".join(_unit_word(w) for w in inst.pmond)]
+    lines += ["", "[Service]", NOTIFY_COMMENT, *NOTIFY_LINES,
+              "ExecStart=" + " ".join(_unit_word(w) for w in inst.pmond)]
     lines += [f"Environment={_unit_word(f'{k}={v}', dollar=False)}" for k, v in sorted(inst.env.items())]
-    lines += ["Restart=on-failure", "RestartSec=1",
+    lines += [LIMIT_COMMENT, LIMIT_LINE, "Restart=on-failure", "RestartSec=1",
               "# Exit status 3: another pmond already holds the pid file; restarting cannot help.",
               "RestartPreventExitStatus=3", KILLMODE_COMMENT, "KillMode=process", "",
               "[Install]", f"WantedBy={'default.target' if user else 'multi-user.target'}", ""]

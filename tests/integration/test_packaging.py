@@ -155,8 +155,13 @@ def test_deb_metadata_and_files(dist: dict[str, Path]) -> None:
 
 def test_deb_unit_and_maintainer_scripts(dist: dict[str, Path], deb_tree: Path, tmp_path: Path) -> None:
     unit = (deb_tree / "lib/systemd/system/pmond.service").read_text()
-    for line in ("Type=simple", "ExecStart=/usr/bin/pmond", "Restart=on-failure", "KillMode=process"):
+    for line in ("Type=notify", "NotifyAccess=main", "WatchdogSec=30s", "LimitNOFILE=1024:524288",
+                 "ExecStart=/usr/bin/pmond", "Restart=on-failure", "KillMode=process"):
         assert f"\n{line}\n" in unit, line
+    # The packaged unit and the one `pmon2 startup` writes agree on these.
+    generated = startup.unit_text(startup.installation(user=False), user=False)
+    for line in (*startup.NOTIFY_LINES, startup.LIMIT_LINE, "KillMode=process"):
+        assert f"\n{line}\n" in generated, line
     assert "setsid" in unit and "control-group" in unit  # the comment says why
     sh("dpkg-deb", "-e", dist["deb"], tmp_path / "control")
     scripts = {name: (tmp_path / "control" / name).read_text() for name in ("postinst", "prerm", "postrm")}

@@ -39,7 +39,8 @@ def test_root_unit_runs_this_python_with_killmode_process() -> None:
     d = directives(text)
     assert d["ExecStart"] == [f"{PY} -m pmon2.daemon"]
     assert d["Environment"] == ["PYTHONPATH=/srv/app/src"]  # not a site dir: -m needs it
-    assert d["KillMode"] == ["process"] and d["Type"] == ["simple"] and d["Restart"] == ["on-failure"]
+    assert d["KillMode"] == ["process"] and d["Type"] == ["notify"] and d["Restart"] == ["on-failure"]
+    assert d["NotifyAccess"] == ["main"] and d["WatchdogSec"] == ["30s"] and d["LimitNOFILE"] == ["1024:524288"]
     assert d["WantedBy"] == ["multi-user.target"] and d["After"] == ["network-online.target"]
     assert "[Unit]" in text and "[Service]" in text and "[Install]" in text
     # The comment says why, right above the setting.
