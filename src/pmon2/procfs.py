@@ -83,13 +83,16 @@ def start_wall_time(starttime_ticks: int) -> float:
     return boot_time() + starttime_ticks / CLOCK_TICKS
 
 
+def pids(proc: str = "/proc") -> list[int]:
+    """Every pid /proc lists now (processes, not threads)."""
+    return [int(name) for name in os.listdir(proc) if name.isdigit()]
+
+
 def group_members(pgid: int, proc: str = "/proc") -> list[int]:
     """Live pids of a process group (zombies excluded)."""
     members = []
-    for name in os.listdir(proc):
-        if not name.isdigit():
-            continue
-        st = read_stat(int(name), proc)
+    for pid in pids(proc):
+        st = read_stat(pid, proc)
         if st is not None and st.pgrp == pgid and st.alive:
             members.append(st.pid)
     return members

@@ -15,21 +15,23 @@ from typing import Any
 
 from pmon2 import __version__, paths
 from pmon2.config import Config, load
-from pmon2.daemon import spawn, watch
+from pmon2.daemon import sdnotify, spawn, watch
 from pmon2.daemon.api import Api
-from pmon2.daemon.server import HttpServer, PeerPolicy
-from pmon2.daemon.store import Store
+from pmon2.daemon.auth import PeerPolicy
+from pmon2.daemon.server import HttpServer, Limits
+from pmon2.daemon.store import Store, set_aside
 from pmon2.daemon.supervisor import Supervisor, iso
-from pmon2.errors import PmonError
+from pmon2.errors import PmonError, StoreError
 
 log = logging.getLogger("pmond")
 PR_SET_CHILD_SUBREAPER = 36
-USAGE = """usage: pmond [--subreaper] [--version]
+USAGE = """usage: pmond [--subreaper] [--recover] [--version]
 
 The pmon2 daemon, in the foreground. The pmon2 CLI starts it by itself; `pmon2 daemon start|stop|status`
 manage it. Stopping pmond never stops a service.
 
   --subreaper  adopt orphaned descendants and reap them (implied when pmond is PID 1)
+  --recover    rebuild services that run but that the database lost (`pmon2 daemon recover`)
   --version    print the version"""
 
 
@@ -128,11 +130,20 @@ def prepare_dirs(config: Config) -> None:
             raise PmonError(f"cannot create {d}: {exc.strerror}") from None
 
 
-async def serve(config: Config, subreaper: bool) -> None:
+async def serve(config: Config, subreaper: bool, notifier: sdnotify.Notifier | None = None,
+                rebuild: bool = False) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     started = time.time()
-    store = Store(config.paths.database)
+    try:
+        store = Store(config.paths.database)
+    except StoreError as exc:
+        if not (rebuild and exc.code == "corrupt"):
+            raise
+        log.warning("database %s is damaged; kept as %s, rebuilding from the running services",
+                    config.paths.database, set_aside(config.paths.database))
+        store = Store(config.paths.database)
+    recovered: list[dict[str, Any]] | None = None
     watcher = watch.Watcher(loop)
     sources = exit_status_sources()
     if subreaper or os.getpid() == 1:
@@ -164,7 +175,9 @@ async def serve(config: Config, subreaper: bool) -> None:
                 "subreaper": subreaper or os.getpid() == 1,
                 "exit_status_sources": describe_sources(),
                 # None: pmond forks each service's intermediate itself (slower restarts).
-                "launcher_pid": launcher.pid if launcher is not None and launcher.ready else None}
+                "launcher_pid": launcher.pid if launcher is not None and launcher.ready else None,
+                # What `--recover` rebuilt from running processes (None: not started with it).
+                "recovered": recovered}
 
     def describe_sources() -> list[str]:
         found = []
@@ -176,16 +189,27 @@ async def serve(config: Config, subreaper: bool) -> None:
             found.append("pidfd")
         return found or ["unknown"]
 
-    server = HttpServer(config.paths.socket, Api(supervisor, info, stop.set),
-                        PeerPolicy("pmon2" if config.paths.mode == "root" else None))
+    peers = PeerPolicy(config.allow_users, config.allow_groups)
+    server = HttpServer(config.paths.socket, Api(supervisor, info, stop.set, peers), peers, Limits.from_env())
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored"))
-    await supervisor.recover()
+    try:
+        restored = await supervisor.recover(rebuild)
+    except PmonError:
+        if launcher is not None:
+            launcher.close()
+        raise
+    recovered = restored if rebuild else None
+    supervisor.rotator.start(log)  # every log, pmond.log too; a line pmond logs plans a check if none is
     await server.start()
     log.info("pmond %s started, pid %d, %d services", __version__, os.getpid(), len(supervisor.services))
+    notifier = notifier or sdnotify.Notifier()
+    notifier.notify("READY=1", f"STATUS={len(supervisor.services)} services")  # systemd: the socket listens
+    notifier.start_watchdog(loop)  # WATCHDOG=1 from this loop, only when systemd asked for it
     await stop.wait()
     log.info("pmond stopping; services keep running")
+    notifier.notify("STOPPING=1")
     await server.close()
     # Let in-flight operations record their outcome, but never wait on services.
     for task in list(supervisor.tasks):
@@ -197,6 +221,7 @@ async def serve(config: Config, subreaper: bool) -> None:
         launcher.close()
     watcher.close()
     store.close()
+    notifier.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,12 +233,16 @@ def main(argv: list[str] | None = None) -> int:
     if "--version" in args:
         print(f"pmond {__version__}")
         return 0
-    unknown = [a for a in args if a != "--subreaper"]
+    unknown = [a for a in args if a not in ("--subreaper", "--recover")]
     if unknown:
         print(f"pmond: unknown argument {unknown[0]!r}\n{USAGE}", file=sys.stderr)
         return 2
     subreaper = "--subreaper" in args
+    # Read systemd's NOTIFY_SOCKET and WATCHDOG_* now, and take them out of os.environ: nothing pmond starts
+    # may inherit them (sdnotify.py).
+    notifier = sdnotify.Notifier.from_environ()
     os.umask(0o022)
+    spawn.raise_nofile_limit()  # a pidfd per service; services still get the soft limit pmond had (spawn.py)
     lock_fd = -1
     try:
         config = load(paths.resolve())
@@ -222,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(config.paths.log_dir, foreground=True)
         if subreaper:
             set_subreaper()
-        asyncio.run(serve(config, subreaper))
+        asyncio.run(serve(config, subreaper, notifier, rebuild="--recover" in args))
     except AlreadyRunning as exc:
         print(f"pmond: {exc.message}", file=sys.stderr)
         return 3

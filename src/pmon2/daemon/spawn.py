@@ -10,7 +10,15 @@ reaches the user as an error instead of a crash loop.
 
 A launch is two steps: `begin` does the synchronous part (the request is on its way, or the fork is
 done) and `Pending.finish` waits for the report. pmond begins a restart before it writes the exit to
-its ledger, so the service comes back while the ledger is written.
+its ledger, so the service comes back while the ledger is written. Any OSError on the way is a failed
+start (SpawnError), never a crash of the caller; running out of fds says so.
+
+File descriptor limits: pmond holds a pidfd per service, so it raises its own soft RLIMIT_NOFILE to
+the hard limit at start (raise_nofile_limit). Services must not inherit that: a program that uses
+select(2) breaks on an fd above 1023. They get the soft limit pmond started with. The launcher has no
+setrlimit (no `resource` module in its bare interpreter), so pmond starts it under the original soft
+limit, and the launcher's children, the intermediates, inherit it; an intermediate that pmond forks
+itself sets it in the child.
 """
 
 from __future__ import annotations
@@ -22,9 +30,11 @@ import logging
 import marshal
 import os
 import pwd
+import resource
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pmon2 import procfs
@@ -36,6 +46,8 @@ log = logging.getLogger("pmond")
 # meanwhile); doubled at each failure in a row, so a launcher that cannot start does not fill the log.
 LAUNCHER_RESTART_DELAY = 1.0
 LAUNCHER_RESTART_MAX = 300.0
+# The soft RLIMIT_NOFILE pmond started with, once raise_nofile_limit raised it: what services get.
+_service_nofile: int | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,11 @@ class LaunchSpec:
     out_log: str
     err_log: str
     user: str | None = None
+    # pmond's own log dir: logs in it are created by pmond and given to the service's user; any other
+    # log is opened as the service's user (launcher.open_log).
+    trusted_log_dir: str | None = None
+    # When set, the service's PMON2_SERVICE (instance:id): a mark on its process that pmond can tell.
+    marker: str = ""
 
 
 @dataclass
@@ -72,7 +89,54 @@ def _request(spec: LaunchSpec) -> tuple:  # type: ignore[type-arg]
             env = dict(spec.env, HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name,
                        SHELL=pw.pw_shell or "/bin/sh")
             ident = (pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid))
-    return (spec.exe, list(spec.argv), dict(env), spec.cwd, spec.out_log, spec.err_log, ident)
+    env = dict(env)
+    if spec.marker:
+        env["PMON2_SERVICE"] = spec.marker  # never one inherited from the shell that ran `pmon2 run`
+    trusted = os.path.normpath(spec.trusted_log_dir) if spec.trusted_log_dir else None
+    return (spec.exe, list(spec.argv), env, spec.cwd, spec.out_log, spec.err_log, ident, trusted)
+
+
+def raise_nofile_limit() -> int:
+    """Raise pmond's soft RLIMIT_NOFILE to its hard limit; returns the soft limit it had, which services
+    get (see the module's docstring). Best effort: pmond runs on under the old limit if it cannot."""
+    global _service_nofile
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard
+    if hard == resource.RLIM_INFINITY:  # never so for NOFILE on Linux, whose ceiling is fs.nr_open
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                target = int(f.read())
+        except (OSError, ValueError):
+            return soft
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (OSError, ValueError):
+            return soft
+        _service_nofile = soft
+    return soft
+
+
+def _services_nofile() -> tuple[int, int] | None:
+    """The limits a child started now must have, when they differ from pmond's own; else None."""
+    if _service_nofile is None:
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = (min(_service_nofile, hard), hard)
+    return None if wanted == (soft, hard) else wanted
+
+
+def _out_of_fds(exc: OSError) -> str | None:
+    if exc.errno == errno.EMFILE:
+        return "pmond is out of file descriptors (EMFILE): raise LimitNOFILE / ulimit -n"
+    if exc.errno == errno.ENFILE:
+        return "the system is out of file descriptors (ENFILE): raise fs.file-max"
+    return None
+
+
+def _os_failure(spec: LaunchSpec, exc: OSError) -> SpawnError:
+    """Any OSError while starting is a failed start, told in one line."""
+    return SpawnError(f"cannot start {spec.argv[0]}: {_out_of_fds(exc) or exc.strerror or exc}")
 
 
 class Launcher:
@@ -95,8 +159,20 @@ class Launcher:
             root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(launcher_code.__file__))))
             code = (f"import sys; sys.path.insert(0, {root!r}); "
                     f"from pmon2.daemon.launcher import serve; serve({theirs.fileno()})")
-            # posix_spawn: a vfork, so starting it costs pmond no copy of its memory.
-            self.pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-c", code], dict(os.environ))
+            # The launcher (and so every intermediate it forks, and every service) gets the soft fd limit
+            # pmond started with: pmond lowers its own for the length of the spawn (it has no threads, and
+            # a lower limit closes nothing), as the launcher could not call setrlimit itself.
+            limits = _services_nofile()
+            raised = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if limits is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            try:
+                # posix_spawn: a vfork, so starting it costs pmond no copy of its memory.
+                self.pid = os.posix_spawn(sys.executable, [sys.executable, "-I", "-S", "-c", code],
+                                          dict(os.environ))
+            finally:
+                if limits is not None:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, raised)
         except (OSError, ValueError) as exc:  # ValueError: no sys.executable to run
             ours.close()
             log.warning("cannot start the launcher (%s); pmond forks services itself",
@@ -213,7 +289,15 @@ class Pending:
             msg += chunk
         return msg
 
-    async def finish(self) -> Launched:
+    async def finish(self, record: Callable[[int, int], None] | None = None) -> Launched:
+        """Wait for the intermediate's report. `record(pid, start_ticks)` runs before the intermediate is
+        told to let the service run: if it raises, the intermediate kills the service (SpawnError)."""
+        try:
+            return await self._finish(record)
+        except OSError as exc:
+            raise _os_failure(self.spec, exc) from None
+
+    async def _finish(self, record: Callable[[int, int], None] | None) -> Launched:
         spec = self.spec
         pidfd = inter_fd = -1
         try:
@@ -235,9 +319,15 @@ class Pending:
                 pidfd = os.pidfd_open(service)
             except ProcessLookupError:
                 raise SpawnError(f"cannot start {spec.argv[0]}: the new process vanished") from None
-            stat = procfs.read_stat(service)
+            stat = _read_stat(service)
             if stat is None:
                 raise SpawnError(f"cannot start {spec.argv[0]}: the new process vanished")
+            if record is not None:
+                try:
+                    record(service, stat.starttime)
+                except OSError as exc:
+                    raise SpawnError(f"cannot start {spec.argv[0]}: cannot record the launch: "
+                                     f"{exc.strerror}") from None
             os.write(self.ack_w, b"g")
             launched = Launched(service, pidfd, stat.starttime, time.time())
             pidfd = -1
@@ -278,7 +368,26 @@ class Pending:
 def begin(spec: LaunchSpec, via: Launcher | None = None) -> Pending:
     """Start launching, through the launcher when it can take the request: the request is sent (or the
     intermediate forked) when this returns."""
-    return Pending(spec, _request(spec), via)
+    try:
+        return Pending(spec, _request(spec), via)
+    except OSError as exc:
+        raise _os_failure(spec, exc) from None
+
+
+def _read_stat(pid: int) -> procfs.Stat | None:
+    """procfs.read_stat, but an error other than "no such process" is raised (EMFILE must not read as a
+    vanished process)."""
+    try:
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    try:
+        data = os.read(fd, 4096)
+    except ProcessLookupError:
+        return None
+    finally:
+        os.close(fd)
+    return procfs.parse_stat(pid, data.decode(errors="replace")) if data else None
 
 
 async def launch(spec: LaunchSpec, via: Launcher | None = None) -> Launched:
@@ -286,6 +395,7 @@ async def launch(spec: LaunchSpec, via: Launcher | None = None) -> Launched:
 
 
 def _fork_intermediate(req: tuple, status_r: int, status_w: int, ack_r: int, ack_w: int) -> int:  # type: ignore[type-arg]
+    limits = _services_nofile()
     try:
         pid = os.fork()
     except OSError as exc:
@@ -295,6 +405,8 @@ def _fork_intermediate(req: tuple, status_r: int, status_w: int, ack_r: int, ack
         try:
             os.close(status_r)
             os.close(ack_w)
+            if limits is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, limits)
             code = launcher_code.intermediate(req, status_w, ack_r)
         finally:
             os._exit(code)
@@ -346,7 +458,11 @@ def _reap(pid: int) -> None:
 
 
 def _describe_failure(spec: LaunchSpec, payload: bytes) -> str:
-    stage, _, code = payload.decode(errors="replace").partition("\0")
+    """One line from the intermediate's report: stage NUL errno [NUL why a log file was refused]."""
+    stage, _, rest = payload.decode(errors="replace").partition("\0")
+    code, _, refused = rest.partition("\0")
+    if refused and stage.startswith("log "):
+        return f"refused log file {stage[4:]}: it {refused}"
     try:
         reason = os.strerror(int(code))
     except ValueError:
@@ -355,4 +471,7 @@ def _describe_failure(spec: LaunchSpec, payload: bytes) -> str:
         return f"cannot start {spec.argv[0]}: no such file: {spec.exe}"
     if stage == "user":
         stage = f"user {spec.user}"
+    elif spec.user is not None and code == str(errno.EACCES) and stage.startswith(("log ", "cwd ")):
+        # Logs outside pmond's own log dir, and the cwd, are opened as the service's user (launcher.py).
+        stage += f" (as user {spec.user})"
     return f"cannot start {spec.argv[0]}: {stage}: {reason}"

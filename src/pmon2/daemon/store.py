@@ -45,6 +45,13 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX events_by_service ON events (service_id, id);
     """,
+    # Who caused each event (the API caller's uid; null for pmond's own acts) and whose service it is
+    # (the uid it runs as), so a non-root caller is shown only the events of its own services.
+    """
+    ALTER TABLE events ADD COLUMN caller_uid INTEGER;
+    ALTER TABLE events ADD COLUMN owner_uid INTEGER;
+    CREATE INDEX events_by_owner ON events (owner_uid, id);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 # The ledger keeps this many of the newest events per service; older ones are pruned now and then.
@@ -77,8 +84,9 @@ class Store:
             self._migrate(version)
         except sqlite3.DatabaseError as exc:
             self.db.close()
-            raise StoreError(f"cannot use the database {path}: {exc}; it was left untouched "
-                             "(move it away to start afresh)") from None
+            raise StoreError(f"cannot use the database {path}: {exc}; it was left untouched. "
+                             "`pmon2 daemon recover` keeps it aside and rebuilds one from the running "
+                             "services", code="corrupt") from None
         except BaseException:
             self.db.close()
             raise
@@ -113,6 +121,23 @@ class Store:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
+    def highest_service_id(self) -> int:
+        """The highest service id ever handed out (AUTOINCREMENT's sqlite_sequence): a marked process
+        with a higher id belongs to a service this database never saw, so it lost writes."""
+        row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'services'").fetchone()
+        return int(row[0]) if row else 0
+
+    def name_taken(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM services WHERE name = ?", (name,)).fetchone() is not None
+
+    def insert_recovered(self, service_id: int, name: str, spec: dict[str, Any], *, pid: int, start_ticks: int,
+                         boot_id: str, started_at: float) -> None:
+        """A service rebuilt from its running process (`pmon2 daemon recover`), under its old id."""
+        self.db.execute(
+            "INSERT INTO services (id, name, spec, desired, status, pid, start_ticks, boot_id, started_at, "
+            "created_at) VALUES (?, ?, ?, 'running', 'running', ?, ?, ?, ?, ?)",
+            (service_id, name, json.dumps(spec), pid, start_ticks, boot_id, started_at, time.time()))
+
     def update_service(self, service_id: int, **fields: Any) -> None:
         if not fields:
             return
@@ -129,11 +154,13 @@ class Store:
     # events
 
     def add_event(self, service_id: int | None, service: str, kind: str, message: str,
-                  data: dict[str, Any] | None = None, at: float | None = None) -> int:
+                  data: dict[str, Any] | None = None, at: float | None = None, *,
+                  caller_uid: int | None = None, owner_uid: int | None = None) -> int:
         cur = self.db.execute(
-            "INSERT INTO events (service_id, service, at, kind, message, data) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO events (service_id, service, at, kind, message, data, caller_uid, owner_uid) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (service_id, service, time.time() if at is None else at, kind, message,
-             json.dumps(data) if data else None))
+             json.dumps(data) if data else None, caller_uid, owner_uid))
         assert cur.lastrowid is not None
         if cur.lastrowid % PRUNE_EVERY == 0:
             self.prune_events(EVENTS_KEPT)
@@ -152,11 +179,17 @@ class Store:
         self.db.execute("UPDATE events SET message = ?, data = ? WHERE id = ?",
                         (message, json.dumps(merged), event_id))
 
-    def events(self, service_id: int | None = None, limit: int = 50, kind: str | None = None) -> list[dict[str, Any]]:
-        where, params = [], []
+    def events(self, service_id: int | None = None, limit: int = 50, kind: str | None = None,
+               owner_uid: int | None = None) -> list[dict[str, Any]]:
+        """The newest `limit` events, oldest first; of one service, one kind, or the services of one uid."""
+        where: list[str] = []
+        params: list[Any] = []
         if service_id is not None:
             where.append("service_id = ?")
             params.append(service_id)
+        if owner_uid is not None:
+            where.append("owner_uid = ?")
+            params.append(owner_uid)
         if kind is not None:
             where.append("kind = ?")
             params.append(kind)
@@ -169,6 +202,19 @@ class Store:
             out.append(item)
         out.reverse()
         return out
+
+
+def set_aside(path: str) -> str:
+    """Rename a damaged database (and its -wal and -shm) to PATH.damaged-TIMESTAMP; returns the new name."""
+    import os
+
+    aside = f"{path}.damaged-{time.strftime('%Y%m%dT%H%M%S')}"
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.rename(path + suffix, aside + suffix)
+        except FileNotFoundError:
+            pass
+    return aside
 
 
 def _decode(row: sqlite3.Row) -> dict[str, Any]:

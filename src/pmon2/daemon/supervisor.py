@@ -12,7 +12,6 @@ import functools
 import json
 import logging
 import os
-import re
 import signal
 import sqlite3
 import time
@@ -21,19 +20,22 @@ from datetime import UTC, datetime
 from typing import Any
 
 from pmon2 import procfs
+from pmon2 import spec as model
 from pmon2.config import Config
-from pmon2.daemon import spawn, watch
+from pmon2.daemon import auth, recovery, spawn, watch
+from pmon2.daemon.launches import LaunchRecord, LaunchRecords
 from pmon2.daemon.policy import RestartPolicy, Status, Trigger, step
-from pmon2.daemon.rotate import RotationPolicy, Rotator, parse_size
+from pmon2.daemon.rotate import RotationPolicy, Rotator
 from pmon2.daemon.store import Store
-from pmon2.errors import BadRequest, Conflict, NotFound, PmonError, SpawnError
+from pmon2.errors import BadRequest, Conflict, NotFound, PmonError, SpawnError, StoreError
 from pmon2.signals import parse_signal
 
 log = logging.getLogger("pmond")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}\Z")
 # After SIGKILL a process dies unless stuck in the kernel (D state); don't hang a client forever.
 KILL_WAIT = 10.0
+# While a stop waits for the rest of a group whose main process has exited: how often to look.
+GROUP_POLL = 0.02
 
 
 def iso(ts: float | None) -> str | None:
@@ -47,6 +49,7 @@ class Service:
     id: int
     name: str
     spec: dict[str, Any]
+    uid: int  # the uid it runs as (derived from spec["user"]): who owns it, for authorisation
     desired: str = "running"
     status: Status = Status.STOPPED
     pid: int | None = None
@@ -64,6 +67,7 @@ class Service:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     retry_handle: asyncio.TimerHandle | None = None
+    escalate: asyncio.Event | None = None  # set by `stop -f` to cut a graceful stop in progress short
     cpu_sample: tuple[float, float] | None = None  # (cpu seconds, monotonic time)
 
     @property
@@ -79,28 +83,40 @@ class Supervisor:
     def __init__(self, config: Config, store: Store, watcher: watch.Watcher,
                  launcher: spawn.Launcher | None = None) -> None:
         self.launcher = launcher  # None: pmond forks each intermediate itself
+        self.instance_id = instance_id(config.paths.data_dir)
+        self.launches = LaunchRecords(os.path.join(config.paths.run_dir, "launches"))
         self._envs: dict[str, dict[str, str]] = {}  # one copy of each distinct environment
         self.config = config
         self.store = store
         self.watcher = watcher
         self.services: dict[int, Service] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        self.rotator = Rotator(config.log_check_interval, self.rotation_files,
-                               lambda name, what: self._event(self.by_name(name), "rotate", what, name=name))
+        self.rotator = Rotator(
+            config.log_check_interval, self.rotation_files,
+            lambda f, kind, what, data: self._event(None if f.ref is None else self.services.get(f.ref), kind, what,
+                                                    name=f.name, **data),
+            max_use=config.log_max_use, keep_free=config.log_keep_free)
 
     # lookup
 
-    def find(self, ref: str) -> Service:
+    def find(self, ref: str, caller: auth.Caller | None = None) -> Service:
+        """The service `ref` names (an id of ASCII digits, or a name); with `caller`, only among the
+        services that caller owns, so a non-root caller cannot even learn that another's exists."""
         ref = str(ref).strip()
-        if ref.isdigit():
-            svc = self.services.get(int(ref))
-            if svc is not None:
+        visible = [s for s in self.services.values() if caller is None or caller.owns(s.uid)]
+        service_id = model.parse_id(ref)
+        if service_id is not None:
+            svc = self.services.get(service_id)
+            if svc is not None and svc in visible:
                 return svc
             raise NotFound(f"no service with id {ref}")
-        for svc in self.services.values():
+        import unicodedata
+
+        ref = unicodedata.normalize("NFC", ref)
+        for svc in visible:
             if svc.name == ref:
                 return svc
-        names = [s.name for s in self.services.values()]
+        names = [s.name for s in visible]
         import difflib
 
         close = difflib.get_close_matches(ref, names, n=1, cutoff=0.6)
@@ -122,11 +138,14 @@ class Supervisor:
             log.error("%s: cannot save its state: %s", svc.name, exc)
 
     def _event(self, svc: Service | None, kind: str, message: str, name: str | None = None,
-               **data: Any) -> int | None:
+               owner_uid: int | None = None, **data: Any) -> int | None:
+        """Log and record an event; the caller of the API request being served (if any) is recorded."""
         log.info("%s: %s", svc.name if svc else name, message)
+        caller = auth.CALLER.get()
         try:
             return self.store.add_event(svc.id if svc else None, svc.name if svc else (name or "?"), kind,
-                                        message, data or None)
+                                        message, data or None, caller_uid=caller.uid if caller else None,
+                                        owner_uid=svc.uid if svc else owner_uid)
         except sqlite3.Error as exc:
             log.error("cannot record an event: %s", exc)
             return None
@@ -143,26 +162,109 @@ class Supervisor:
 
     # start-up
 
-    async def recover(self) -> None:
-        """Load every service; take back those still running, start those that died meanwhile."""
+    async def recover(self, rebuild: bool = False) -> list[dict[str, Any]]:
+        """Load every service; take back those still running, start those that died meanwhile.
+
+        Reconciles three sources: the database, the launch records (written before any process may
+        run) and the processes that carry this pmond's marker. A process whose identity matches is
+        adopted; the leftovers of a deleted service are stopped; a running service that the database
+        does not know means the database was emptied or rolled back: pmond refuses to start (StoreError)
+        unless `rebuild` (`pmon2 daemon recover`), which rebuilds those services from their processes.
+        Returns what `rebuild` restored, and what it could not."""
         boot = procfs.boot_id()
-        for row in self.store.load_services():
-            svc = Service(id=row["id"], name=row["name"], spec=self._share_env(row["spec"]), desired=row["desired"],
+        records = self.launches.load()
+        rows = self.store.load_services()
+        marked = recovery.marked_processes(self.instance_id)
+        known = {row["id"] for row in rows}
+        highest = self.store.highest_service_id()
+        lost = {sid: pids for sid, pids in marked.items() if sid not in known and sid > highest}
+        restored: list[dict[str, Any]] = []
+        if lost and not rebuild:
+            listing = ", ".join(f"{sid} (pid {', '.join(map(str, sorted(pids)))})"
+                                for sid, pids in sorted(lost.items()))
+            raise StoreError(f"the database {self.store.path} does not know services that are still running: "
+                             f"{listing}. It was emptied or rolled back; run `pmon2 daemon recover` to rebuild "
+                             "it from the running processes")
+        if lost:
+            restored = self._rebuild(lost, records, boot)
+            rows = self.store.load_services()
+            known = {row["id"] for row in rows}
+        for sid, pids in marked.items():
+            if sid not in known:
+                self._stop_orphans(sid, pids, records.get(sid))
+        for sid in set(records) - known:
+            self.launches.remove(sid)
+        for row in rows:
+            svc = Service(id=row["id"], name=row["name"], spec=self._share_env(row["spec"]),
+                          uid=auth.uid_of_user(row["spec"]["user"]), desired=row["desired"],
                           status=Status(row["status"]), pid=row["pid"], start_ticks=row["start_ticks"],
                           boot_id=row["boot_id"], started_at=row["started_at"], restarts=row["restarts"],
                           fast_exits=row["fast_exits"], retry_at=row["retry_at"], last_exit=row["last_exit"],
                           last_error=row["last_error"])
             self.services[svc.id] = svc
-            self._recover_one(svc, boot)
+            self._recover_one(svc, boot, records.get(svc.id))
+        return restored
 
-    def _recover_one(self, svc: Service, boot: str) -> None:
-        pidfd = watch.adopt(svc.pid, svc.start_ticks, svc.boot_id) if svc.pid else None
-        if pidfd is not None:
-            assert svc.pid is not None
+    def _rebuild(self, lost: dict[int, list[int]], records: dict[int, Any], boot: str) -> list[dict[str, Any]]:
+        """Insert each lost service again, with its old id (its processes' marker names it), from what
+        its main process shows; the rest takes the defaults, and the report says which."""
+        restored = []
+        for sid, pids in sorted(lost.items()):
+            main = recovery.main_process(pids)
+            facts = recovery.rebuild(main) if main is not None else None
+            if facts is None:
+                restored.append({"id": sid, "restored": False, "why": "its processes could not be read"})
+                continue
+            record = records.get(sid)
+            name = record.name if record is not None else f"recovered-{sid}"
+            if self.store.name_taken(name):
+                name = f"{name}-{sid}"
+            out_log = facts.out_log or os.path.join(self.config.paths.log_dir, f"{name}-out.log")
+            spec = {"argv": facts.argv, "exe": facts.exe, "cwd": facts.cwd, "env": facts.env, "user": facts.user,
+                    "out_log": out_log, "err_log": facts.err_log or out_log, "autorestart": True,
+                    "min_uptime": self.config.min_uptime, "kill_timeout": self.config.kill_timeout,
+                    "stop_signal": model.SERVICE["stop_signal"].default}
+            self.store.insert_recovered(sid, name, spec, pid=facts.pid, start_ticks=facts.start_ticks,
+                                        boot_id=boot, started_at=procfs.start_wall_time(facts.start_ticks))
+            self._event(None, "recover", f"rebuilt from process {facts.pid}; not restored: "
+                        f"{', '.join(facts.missing)}", name=name, owner_uid=auth.uid_of_user(facts.user))
+            restored.append({"id": sid, "name": name, "pid": facts.pid, "restored": True,
+                             "not_restored": facts.missing})
+        return restored
+
+    def _stop_orphans(self, sid: int, pids: list[int], record: Any) -> None:
+        """Processes marked with the id of a service that was deleted: stop them (never forget one)."""
+        for pid in pids:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                # Checked again through the pidfd: the pid cannot be reused under us from here on.
+                if recovery.marker_of(pid, self.instance_id) == sid:
+                    watch.send_signal(pidfd, signal.SIGKILL)
+                    self._event(None, "kill", f"killed process {pid}, left over from deleted service {sid}",
+                                name=record.name if record is not None else f"#{sid}", pid=pid)
+            finally:
+                os.close(pidfd)
+
+    def _recover_one(self, svc: Service, boot: str, record: Any = None) -> None:
+        # The launch record is at least as new as the database: pmond writes it first.
+        candidates = [(svc.pid, svc.start_ticks, svc.boot_id)]
+        if record is not None and (record.pid, record.start_ticks) != (svc.pid, svc.start_ticks):
+            candidates.insert(0, (record.pid, record.start_ticks, record.boot_id))
+        for pid, ticks, boot_id in candidates:
+            pidfd = watch.adopt(pid, ticks, boot_id) if pid else None
+            if pidfd is None:
+                continue
+            assert pid is not None and ticks is not None
+            if pid != svc.pid:
+                svc.pid, svc.start_ticks, svc.boot_id = pid, ticks, boot_id
+                svc.started_at = procfs.start_wall_time(ticks)
             svc.status = Status.RUNNING
-            self._watch(svc, svc.pid, pidfd)
-            self._save(svc, "status")
-            self._event(svc, "adopt", f"adopted running process {svc.pid}", pid=svc.pid)
+            self._watch(svc, pid, pidfd)
+            self._save(svc, "status", "pid", "start_ticks", "boot_id", "started_at")
+            self._event(svc, "adopt", f"adopted running process {pid}", pid=pid)
             if svc.desired == "stopped":
                 self._spawn_task(self.stop(str(svc.id)))
             return
@@ -176,7 +278,10 @@ class Supervisor:
                         pid=svc.pid, while_down=True, rebooted=rebooted)
         svc.pid = None
         svc.started_at = None
-        if svc.desired == "running" and (was_up or svc.status is Status.BACKOFF or rebooted):
+        # A user asked for it to run: whatever command pmond died inside (a restart between its stop and
+        # its start leaves `stopped`), it runs again. `exited` and `errored` were pmond's own verdicts.
+        if svc.desired == "running" and svc.status in (Status.STOPPED, Status.STOPPING, Status.RUNNING,
+                                                      Status.BACKOFF):
             svc.status = Status.BACKOFF
             svc.retry_at = time.time()
             self._save(svc, "status", "pid", "started_at", "retry_at", "last_exit")
@@ -201,70 +306,51 @@ class Supervisor:
     # creating a service
 
     def build_spec(self, req: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Fields already checked by spec.check_body (SERVICE_FIELDS) -> (name, stored spec), with the
+        defaults applied and what needs the machine resolved: the executable, the log paths, the user."""
         argv = req.get("argv")
-        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv) or not argv[0]:
-            raise BadRequest("a command is needed: pmon2 run ./bin/app [args...]")
-        cwd = req.get("cwd") or os.getcwd()
-        if not os.path.isabs(cwd) or not os.path.isdir(cwd):
-            raise BadRequest(f"no such directory: {cwd}")
-        env = req.get("env")
-        if env is None:
-            env = {}
-        if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise BadRequest("env must map names to strings")
+        if argv is None:
+            raise BadRequest("argv: a command is needed: pmon2 run ./bin/app [args...]")
+        cwd = req.get("cwd") or model.SERVICE["cwd"].default
+        if not os.path.isdir(cwd):
+            raise BadRequest(f"cwd: no such directory: {cwd}")
+        env = req.get("env") or {}
         exe = resolve_executable(argv[0], cwd, env.get("PATH", os.defpath))
-        name = req.get("name") or os.path.basename(argv[0])
-        if not NAME_RE.fullmatch(name) or name.isdigit():
-            raise BadRequest(f"invalid name {name!r}: use letters, digits, '.', '_' and '-' "
-                             "(not only digits); set one with --name")
+        if "name" in req:
+            name = req["name"]
+        else:
+            try:
+                name = model.check_name(os.path.basename(argv[0]))
+            except ValueError as exc:
+                raise BadRequest(f"name: {exc}; set one with --name") from None
         clash = self.by_name(name)
         if clash is not None:
             raise Conflict(f"name {name!r} is taken by service {clash.id}; choose another with --name")
-        user = req.get("user") or None
+        user = req.get("user")
         if user is not None:
             check_user(user)
-        log_dir = os.path.join(cwd, req["log_dir"] if req.get("log_dir") else self.config.paths.log_dir)
+        log_dir = os.path.join(cwd, req.get("log_dir") or self.config.paths.log_dir)
         if req.get("log"):
             out_log = err_log = os.path.normpath(os.path.join(cwd, req["log"]))
         else:
             out_log = os.path.normpath(os.path.join(log_dir, f"{name}-out.log"))
             err_log = os.path.normpath(os.path.join(log_dir, f"{name}-err.log"))
-        stop_signal = parse_signal(req.get("stop_signal") or "TERM").name
-        rotation = {}
-        if req.get("log_max_size") is not None:
-            try:
-                rotation["log_max_size"] = parse_size(req["log_max_size"])
-            except ValueError as exc:
-                raise BadRequest(f"--log-max-size: {exc}") from None
-        if req.get("log_keep") is not None:
-            keep = req["log_keep"]
-            if isinstance(keep, str) and keep.isdigit():
-                keep = int(keep)
-            if not isinstance(keep, int) or isinstance(keep, bool) or not 0 <= keep <= 1000:
-                raise BadRequest("--log-keep must be a whole number from 0 to 1000")
-            rotation["log_keep"] = keep
-        if req.get("log_compress") is not None:
-            rotation["log_compress"] = bool(req["log_compress"])
+        rotation = {k: req[k] for k in ("log_max_size", "log_keep", "log_compress") if req.get(k) is not None}
         spec = {
             "argv": list(argv), "exe": exe, "cwd": cwd, "env": env, "user": user,
             "out_log": out_log, "err_log": err_log,
-            "autorestart": bool(req.get("autorestart", True)),
-            "min_uptime": seconds(req, "min_uptime", self.config.min_uptime),
-            "kill_timeout": seconds(req, "kill_timeout", self.config.kill_timeout),
-            "stop_signal": stop_signal,
+            "autorestart": req.get("autorestart", model.SERVICE["autorestart"].default),
+            "min_uptime": req.get("min_uptime", self.config.min_uptime),
+            "kill_timeout": req.get("kill_timeout", self.config.kill_timeout),
+            "stop_signal": req.get("stop_signal", model.SERVICE["stop_signal"].default),
             **rotation,
         }
         return name, spec
 
     async def create(self, req: dict[str, Any]) -> Service:
         name, spec = self.build_spec(req)
-        for path in {spec["out_log"], spec["err_log"]}:
-            try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-            except OSError as exc:
-                raise BadRequest(f"cannot create log dir {os.path.dirname(path)}: {exc.strerror}") from None
         service_id = self.store.insert_service(name, spec, Status.STOPPED.value)
-        svc = Service(id=service_id, name=name, spec=self._share_env(spec))
+        svc = Service(id=service_id, name=name, spec=self._share_env(spec), uid=auth.uid_of_user(spec["user"]))
         self.services[svc.id] = svc
         async with svc.lock:
             try:
@@ -287,13 +373,16 @@ class Supervisor:
     def _forget(self, svc: Service) -> None:
         del self.services[svc.id]
         self.store.delete_service(svc.id)
+        self.launches.remove(svc.id)
         if not any(other.spec["env"] is svc.spec["env"] for other in self.services.values()):
             self._envs.pop(json.dumps(svc.spec["env"], sort_keys=True), None)
 
     def _launch_spec(self, svc: Service) -> spawn.LaunchSpec:
         s = svc.spec
         return spawn.LaunchSpec(exe=s["exe"], argv=s["argv"], cwd=s["cwd"], env=s["env"],
-                                out_log=s["out_log"], err_log=s["err_log"], user=s["user"])
+                                out_log=s["out_log"], err_log=s["err_log"], user=s["user"],
+                                trusted_log_dir=self.config.paths.log_dir,
+                                marker=f"{getattr(self, 'instance_id', '')}:{svc.id}")
 
     async def _start(self, svc: Service, *, user_initiated: bool, restart: bool = False,
                      pending: spawn.Pending | None = None) -> None:
@@ -301,7 +390,8 @@ class Supervisor:
         try:
             if pending is None:
                 pending = spawn.begin(self._launch_spec(svc), self.launcher)
-            launched = await pending.finish()
+            launched = await pending.finish(lambda pid, ticks: self.launches.write(
+                LaunchRecord(svc.id, pid, ticks, procfs.boot_id(), svc.name)))
         except SpawnError as exc:
             svc.last_error = exc.message
             retry_in = self._transition(svc, Trigger.SPAWN_FAILED, user_initiated=user_initiated)
@@ -333,20 +423,22 @@ class Supervisor:
         exit_event: list[tuple[int | None, float | None]] = []
 
         def on_exit() -> None:
-            exit_event.append(self._on_exit(svc, pid))
+            exit_event.append(self._on_exit(svc, pid, pidfd))
 
         def on_status(status: watch.ExitStatus) -> None:
             self._on_status(svc, pid, status, *(exit_event[0] if exit_event else (None, None)))
 
         self.watcher.watch(pid, pidfd, on_exit, on_status)
 
-    def _on_exit(self, svc: Service, pid: int) -> tuple[int | None, float | None]:
+    def _on_exit(self, svc: Service, pid: int, pidfd: int) -> tuple[int | None, float | None]:
         now = time.time()
         runtime = now - svc.started_at if svc.started_at else None
         svc.pidfd = None  # the watcher keeps it until the status is known, then closes it
         svc.exited.set()
-        # Leftovers of the group (children of a crashed service) would hold its ports and files.
-        self._kill_leftovers(pid)
+        if svc.status is not Status.STOPPING:
+            # Leftovers of a crashed service's group would hold its ports and files. (A stop gives them
+            # their grace time instead: _terminate.)
+            self._kill_leftovers(svc, pid, pidfd)
         svc.last_exit = {"code": None, "signal": None, "at": iso(now),
                          "runtime_s": round(runtime, 3) if runtime is not None else None,
                          "source": "pending", "pid": pid}
@@ -395,11 +487,14 @@ class Supervisor:
             svc.last_exit.update(info)
             self._save(svc, "last_exit")
 
-    def _kill_leftovers(self, pgid: int) -> None:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+    def _kill_leftovers(self, svc: Service, pgid: int, pidfd: int) -> None:
+        """SIGKILL what is left of the group the exited main process led, through its pidfd (which the
+        watcher still holds): never by a number that may have been reused."""
+        if (not watch.signal_group(pidfd, pgid, signal.SIGKILL) and not watch.GroupSignal.probe()
+                and procfs.group_members(pgid)):
+            self._event(svc, "leftovers", f"process group {pgid} may have leftovers; not signalled: "
+                        "its leader is already reaped and this kernel (before 6.9) cannot signal a "
+                        "group through a pidfd", pgid=pgid)
 
     def _schedule_retry(self, svc: Service, delay: float) -> None:
         self._cancel_retry(svc)
@@ -429,7 +524,10 @@ class Supervisor:
                 pending.abort()  # not wanted any more: the intermediate kills what it started
 
     async def _terminate(self, svc: Service, force: bool) -> None:
-        """Stop the process and wait until it is really gone (its pidfd said so)."""
+        """Stop the service as systemd's KillMode=control-group does: the stop signal goes to its whole
+        process group, the whole group gets `kill_timeout` (even after the main process has exited),
+        then SIGKILL goes to what is left. Returns as soon as nothing of the group runs. A `stop -f`
+        meanwhile (svc.escalate) sends SIGKILL at once."""
         self._cancel_retry(svc)
         if not svc.alive:
             if svc.status is not Status.STOPPED:
@@ -439,26 +537,53 @@ class Supervisor:
                 self._save(svc, "status", "retry_at")
             return
         assert svc.pid is not None and svc.pidfd is not None
-        pid, pidfd, exited = svc.pid, svc.pidfd, svc.exited
-        self._transition(svc, Trigger.STOP)
-        self._save(svc, "status")
-        sig = signal.SIGKILL if force else parse_signal(svc.spec["stop_signal"])
-        self._event(svc, "stop", f"sending {sig.name} to process group {pid}", pid=pid, signal=sig.name)
-        watch.signal_group(pidfd, pid, sig)
-        if not force:
-            try:
-                await asyncio.wait_for(exited.wait(), svc.spec["kill_timeout"])
-                return
-            except TimeoutError:
-                self._event(svc, "kill", f"still running after {svc.spec['kill_timeout']:g} s: sending SIGKILL",
-                            pid=pid)
-                if svc.pidfd is not None:
-                    watch.signal_group(svc.pidfd, pid, signal.SIGKILL)
+        pid, exited = svc.pid, svc.exited
+        group = os.dup(svc.pidfd)  # pins the group's identity past the main process's exit and reaping
+        escalate = svc.escalate = asyncio.Event()
         try:
-            await asyncio.wait_for(exited.wait(), KILL_WAIT)
-        except TimeoutError:
-            raise PmonError(f"process {pid} of {svc.name} did not die after SIGKILL "
-                            "(stuck in the kernel?)") from None
+            self._transition(svc, Trigger.STOP)
+            self._save(svc, "status")
+            sig = signal.SIGKILL if force else parse_signal(svc.spec["stop_signal"])
+            self._event(svc, "stop", f"sending {sig.name} to process group {pid}", pid=pid, signal=sig.name)
+            watch.signal_group(group, pid, sig)
+            if not force:
+                if await self._group_gone(group, pid, exited, svc.spec["kill_timeout"], escalate):
+                    return
+                why = ("stop -f" if escalate.is_set()
+                       else f"still running after {svc.spec['kill_timeout']:g} s")
+                self._event(svc, "kill", f"{why}: sending SIGKILL to process group {pid}", pid=pid)
+                watch.signal_group(group, pid, signal.SIGKILL)
+            if not await self._group_gone(group, pid, exited, KILL_WAIT, None):
+                raise PmonError(f"process group {pid} of {svc.name} did not die after SIGKILL "
+                                "(stuck in the kernel?)")
+        finally:
+            os.close(group)
+            if svc.escalate is escalate:
+                svc.escalate = None
+
+    async def _group_gone(self, group: int, pgid: int, exited: asyncio.Event, timeout: float,
+                          escalate: asyncio.Event | None) -> bool:
+        """Wait until the main process has exited and no process of its group runs: True; False at the
+        deadline or once `escalate` is set. The main exit is an event (pidfd); the rest of the group can
+        only be looked at, every GROUP_POLL seconds, and only while a stop waits for it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        waits = [exited.wait()] + ([escalate.wait()] if escalate is not None else [])
+        tasks = [asyncio.ensure_future(w) for w in waits]
+        try:
+            await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in tasks:
+                t.cancel()
+        while True:
+            if escalate is not None and escalate.is_set():
+                return False
+            if exited.is_set() and not watch.group_alive(group, pgid):
+                return True
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(GROUP_POLL, left))
 
     # user operations
 
@@ -476,6 +601,8 @@ class Supervisor:
 
     async def stop(self, ref: str, force: bool = False) -> Service:
         svc = self.find(ref)
+        if force and svc.escalate is not None:
+            svc.escalate.set()  # a graceful stop holds the lock: cut it short rather than wait behind it
         async with svc.lock:
             svc.desired = "stopped"
             self._save(svc, "desired")
@@ -496,6 +623,8 @@ class Supervisor:
     async def reload(self, ref: str, sig_name: str | None) -> tuple[Service, str]:
         sig = parse_signal(sig_name or "USR2")
         svc = self.find(ref)
+        if svc.status is Status.STOPPING:
+            raise Conflict(f"{svc.name} is stopping; reload refused")
         async with svc.lock:
             if not svc.alive or svc.status is not Status.RUNNING:
                 raise Conflict(f"{svc.name} is not running ({svc.status}); start it first")
@@ -505,12 +634,16 @@ class Supervisor:
             self._event(svc, "reload", f"sent {sig.name} to process {svc.pid}", pid=svc.pid, signal=sig.name)
         return svc, sig.name
 
-    async def delete(self, ref: str) -> Service:
+    async def delete(self, ref: str, force: bool = False) -> Service:
         svc = self.find(ref)
+        if force and svc.escalate is not None:
+            svc.escalate.set()
         async with svc.lock:
-            await self._terminate(svc, force=False)
+            await self._terminate(svc, force=force)
+            # Processes of the service that left its group (setsid) still carry its marker: no leftovers.
+            self._stop_orphans(svc.id, recovery.marked_processes(self.instance_id).get(svc.id, []), svc)
             self._forget(svc)
-            self._event(None, "delete", "deleted", name=svc.name)
+            self._event(None, "delete", "deleted", name=svc.name, owner_uid=svc.uid)
         return svc
 
     def rotation_policy(self, svc: Service) -> RotationPolicy:
@@ -519,32 +652,56 @@ class Supervisor:
                               keep=c.log_keep if s.get("log_keep") is None else s["log_keep"],
                               compress=c.log_compress if s.get("log_compress") is None else s["log_compress"])
 
-    def rotation_files(self) -> list[tuple[str, RotationPolicy, str]]:
+    def rotation_files(self) -> list[Any]:
+        """Every log pmond knows (rotate.LogFile), its service running or not, and pmond's own."""
+        from pmon2.daemon.rotate import LogFile, log_owner
+
+        c = self.config
         files = []
         for svc in self.services.values():
-            if svc.alive:
-                policy = self.rotation_policy(svc)
-                files += [(p, policy, svc.name) for p in dict.fromkeys((svc.spec["out_log"], svc.spec["err_log"]))]
+            policy = self.rotation_policy(svc)
+            owners, chown = log_owner(svc.spec["user"])
+            writer = svc.pid if svc.alive else None
+            files += [LogFile(p, policy, svc.name, svc.id, owners, chown, writer)
+                      for p in dict.fromkeys((svc.spec["out_log"], svc.spec["err_log"]))]
+        files.append(LogFile(os.path.join(c.paths.log_dir, "pmond.log"),
+                             RotationPolicy(c.log_max_size, c.log_keep, c.log_compress), "pmond",
+                             owners=frozenset({os.geteuid()}), quiet=True))
         return files
 
     def flush(self, services: list[Service]) -> list[str]:
-        """Empty log files in place: services keep writing through O_APPEND at the new end."""
-        emptied = []
+        """Empty log files in place: services keep writing through O_APPEND at the new end. Nothing is
+        followed: a log that is a symlink, a hard link or a FIFO is refused (rotate.empty_log), the
+        others are emptied all the same, and the first refusal is the error."""
+        from pmon2.daemon.rotate import empty_log, log_owner
+
+        emptied: list[str] = []
+        errors: list[str] = []
         for svc in services:
+            owners, _ = log_owner(svc.spec["user"])
+            done = []
             for path in dict.fromkeys((svc.spec["out_log"], svc.spec["err_log"])):
                 try:
-                    os.truncate(path, 0)
-                    emptied.append(path)
-                except FileNotFoundError:
-                    continue
+                    if empty_log(path, owners):
+                        done.append(path)
+                except PmonError as exc:
+                    errors.append(exc.message)
+                    self._event(svc, "flush", exc.message, refused=True)
                 except OSError as exc:
-                    raise PmonError(f"cannot empty {path}: {exc.strerror}") from None
-            self._event(svc, "flush", "logs emptied")
+                    errors.append(f"cannot empty {path}: {exc.strerror}")
+            if done:
+                self._event(svc, "flush", "logs emptied", files=done)
+            emptied += done
+        if errors:
+            more = f" ({len(emptied)} other log file{'s' if len(emptied) != 1 else ''} emptied)" if emptied else ""
+            raise PmonError(errors[0] + more)
         return emptied
 
     # views
 
-    def view(self, svc: Service, detail: bool = False) -> dict[str, Any]:
+    def view(self, svc: Service, detail: bool = False, show_env: bool = False) -> dict[str, Any]:
+        """A service as the API shows it. Its environment is masked (spec.mask_env) unless `show_env`,
+        which the API grants only to root and the service's own user."""
         now = time.time()
         cpu, mem = self._usage(svc)
         s = svc.spec
@@ -566,7 +723,8 @@ class Supervisor:
                       for e in self.store.events(svc.id, 5, kind="exit")]
             rotation = self.rotation_policy(svc)
             out |= {"log_max_size": rotation.max_size, "log_keep": rotation.keep, "log_compress": rotation.compress,
-                    "exe": s["exe"], "env": s["env"], "min_uptime": s["min_uptime"],
+                    "exe": s["exe"], "env": s["env"] if show_env else model.mask_env(s["env"]),
+                    "env_masked": not show_env, "min_uptime": s["min_uptime"],
                     "kill_timeout": s["kill_timeout"], "stop_signal": s["stop_signal"],
                     "fast_exits": svc.fast_exits, "recent_exits": recent}
         return out
@@ -593,7 +751,7 @@ class Supervisor:
         counts: dict[str, int] = {}
         for svc in self.services.values():
             counts[svc.status.value] = counts.get(svc.status.value, 0) + 1
-        return {"services": len(self.services), "by_status": counts}
+        return {"services": len(self.services), "by_status": counts, "instance_id": self.instance_id}
 
 
 def public_exit(last_exit: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -607,19 +765,6 @@ def fmt_runtime(runtime: float | None) -> str:
     if runtime is None:
         return "an unknown time"
     return f"{runtime * 1000:.0f} ms" if runtime < 1 else f"{runtime:.1f} s"
-
-
-def seconds(req: dict[str, Any], key: str, default: float) -> float:
-    value = req.get(key)
-    if value is None:
-        return default
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise BadRequest(f"{key.replace('_', '-')} must be a number of seconds, not {value!r}") from None
-    if not 0 <= number <= 86400:
-        raise BadRequest(f"{key.replace('_', '-')} must be between 0 and 86400 seconds")
-    return number
 
 
 def resolve_executable(cmd: str, cwd: str, path_var: str) -> str:
@@ -649,6 +794,16 @@ def check_user(user: str) -> None:
         raise SpawnError(f"no such user: {user}") from None
     if os.geteuid() != 0 and pw.pw_uid != os.geteuid():
         raise SpawnError(f"--user {user} needs pmond to run as root")
+
+
+def instance_id(data_dir: str) -> str:
+    """Tells this pmond apart from the pmonds of other users and other PMON2_HOMEs on the machine: a
+    hash of pmond's uid and its data dir. Each service carries PMON2_SERVICE=<instance id>:<service
+    id>, so its processes can be told apart even when the database is lost."""
+    import hashlib
+
+    key = f"{os.geteuid()}:{os.path.realpath(data_dir)}".encode()
+    return hashlib.sha256(key).hexdigest()[:16]
 
 
 @functools.cache

@@ -230,16 +230,73 @@ def send_signal(pidfd: int, sig: int) -> bool:
         return False
 
 
+# pidfd_send_signal(2) flag, Linux 6.9+: signal the process group of the pidfd's process. The pidfd
+# pins the group's identity (its struct pid), so a pid number reused by a stranger is never reached,
+# even after the leader is reaped. include/uapi/linux/pidfd.h.
+PIDFD_SIGNAL_PROCESS_GROUP = 1 << 2
+
+
+class GroupSignal:
+    """Whether this kernel signals process groups through pidfds (probed once, at first use)."""
+
+    supported: bool | None = None
+
+    @classmethod
+    def probe(cls) -> bool:
+        if cls.supported is None:
+            fd = os.pidfd_open(os.getpid())
+            try:
+                signal.pidfd_send_signal(fd, 0, None, PIDFD_SIGNAL_PROCESS_GROUP)
+                cls.supported = True
+            except OSError:  # EINVAL: an unknown flag, before 6.9
+                cls.supported = False
+            finally:
+                os.close(fd)
+        return cls.supported
+
+
+def reaped(pidfd: int) -> bool:
+    """The process behind `pidfd` has been reaped by its parent (POLLHUP), not merely exited."""
+    p = select.poll()
+    p.register(pidfd, select.POLLIN)
+    return any(ev & select.POLLHUP for _, ev in p.poll(0))
+
+
 def signal_group(pidfd: int, pgid: int, sig: int) -> bool:
-    """Signal the service's process group. The group is only trusted while its leader is unreaped:
-    a pid whose process exists (even as a zombie) or leads a live group cannot be reused."""
+    """Signal the process group that the process behind `pidfd` leads; False when nothing was reached.
+
+    Never by number alone when the number may have been reused: through the pidfd (6.9+), or, on older
+    kernels, with killpg only while the leader is unreaped (a zombie or live leader holds its pid, so
+    the number cannot be reused). A group whose leader is reaped is then left alone."""
+    if GroupSignal.probe():
+        try:
+            signal.pidfd_send_signal(pidfd, sig, None, PIDFD_SIGNAL_PROCESS_GROUP)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return send_signal(pidfd, sig)
+    if reaped(pidfd):
+        return False
     try:
         os.killpg(pgid, sig)
         return True
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         return send_signal(pidfd, sig)
-    except PermissionError:
-        return send_signal(pidfd, sig)
+
+
+def group_alive(pidfd: int, pgid: int) -> bool:
+    """Is any process of the group still running? Zombies count as gone (init may reap late)."""
+    if GroupSignal.probe():
+        try:
+            signal.pidfd_send_signal(pidfd, 0, None, PIDFD_SIGNAL_PROCESS_GROUP)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+    elif reaped(pidfd):
+        return False  # the number may be reused: what is left cannot be told from a stranger
+    return bool(procfs.group_members(pgid))
 
 
 def adopt(pid: int, start_ticks: int | None, boot_id: str | None) -> int | None:
