@@ -55,6 +55,8 @@ def fds_of(pid: int) -> set[int]:
 
 
 def test_pmond_out_of_fds_gives_a_one_line_error_and_recovers(pmon):
+    # Without the fd reserve (test_fd_exhaustion.py shows it at work), the failure itself is seen.
+    pmon.env["PMON2_FD_RESERVE"] = "0"
     pmon.start_service("sleep", "36202", "--name", "first")
     daemon = pmon.daemon_pid()
     before = resource.prlimit(daemon, resource.RLIMIT_NOFILE)

@@ -87,7 +87,9 @@ def test_identical_environments_are_kept_once_and_dropped_with_their_last_servic
 
     sup = Supervisor.__new__(Supervisor)  # the env bookkeeping only: no loop, no store on disk
     sup.services, sup._envs, sup.store = {}, {}, _Store()
+    forgotten: list[int] = []
     sup.launches = type("NoRecords", (), {"remove": lambda self, service_id: None})()
+    sup.persist = type("NoPersist", (), {"forget": lambda self, service_id: forgotten.append(service_id)})()
 
     def add(service_id, env):
         svc = Service(id=service_id, name=f"s{service_id}", spec=sup._share_env({"env": env}), uid=0)
@@ -103,4 +105,4 @@ def test_identical_environments_are_kept_once_and_dropped_with_their_last_servic
     assert len(sup._envs) == 2, "b still uses that environment"
     sup._forget(b)
     sup._forget(c)
-    assert sup._envs == {} and sup.store.deleted == [1, 2, 3]
+    assert sup._envs == {} and forgotten == [1, 2, 3]

@@ -122,11 +122,13 @@ class Api:
 
     async def service_events(self, ref: str, caller: Caller, options: dict[str, Any], **_: Any) -> tuple[int, Any]:
         svc = self.sup.find(ref, caller)
-        return 200, self.sup.store.events(svc.id, options["limit"])
+        return 200, await self.sup.persist.commit(lambda: self.sup.store.events(svc.id, options["limit"]),
+                                                  "the ledger cannot be read now")
 
     async def all_events(self, caller: Caller, options: dict[str, Any], **_: Any) -> tuple[int, Any]:
         owner = None if caller.privileged else caller.uid
-        return 200, self.sup.store.events(None, options["limit"], owner_uid=owner)
+        return 200, await self.sup.persist.commit(
+            lambda: self.sup.store.events(None, options["limit"], owner_uid=owner), "the ledger cannot be read now")
 
     async def flush(self, ref: str, caller: Caller, **_: Any) -> tuple[int, Any]:
         return 200, {"files": self.sup.flush([self.sup.find(ref, caller)])}

@@ -133,6 +133,9 @@ def prepare_dirs(config: Config) -> None:
 async def serve(config: Config, subreaper: bool, notifier: sdnotify.Notifier | None = None,
                 rebuild: bool = False) -> None:
     loop = asyncio.get_running_loop()
+    reserve_size = os.environ.get("PMON2_FD_RESERVE", "")  # fds kept for restarts; tests set 0 to see EMFILE
+    spawn.RESERVE = spawn.FdReserve(int(reserve_size) if reserve_size.isdigit() else 16)
+    watch.GroupSignal.probe()  # now, while fds are plenty: a crash clean-up must not need one
     stop = asyncio.Event()
     started = time.time()
     try:
@@ -190,7 +193,9 @@ async def serve(config: Config, subreaper: bool, notifier: sdnotify.Notifier | N
         return found or ["unknown"]
 
     peers = PeerPolicy(config.allow_users, config.allow_groups)
-    server = HttpServer(config.paths.socket, Api(supervisor, info, stop.set, peers), peers, Limits.from_env())
+    reserve = spawn.RESERVE
+    server = HttpServer(config.paths.socket, Api(supervisor, info, stop.set, peers), peers, Limits.from_env(),
+                        may_accept=reserve.ready)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored"))
@@ -220,6 +225,7 @@ async def serve(config: Config, subreaper: bool, notifier: sdnotify.Notifier | N
     if launcher is not None:
         launcher.close()
     watcher.close()
+    supervisor.persist.close()
     store.close()
     notifier.close()
 

@@ -41,6 +41,8 @@ MAX_HEAD = 16 << 10
 READ_SIZE = 64 << 10  # bytes: one read from a client; the stream buffers at most twice this before pausing
 MAX_DEPTH = 32  # levels of nested objects and arrays in a body; the API's deepest is 2
 INT_BITS = 64  # integers in a body must fit in a signed 64-bit integer (what SQLite stores)
+ACCEPT_PAUSE = 0.1  # seconds accepting pauses when out of fds, or while the fd reserve is spent
+SHED_ON_EMFILE = 8  # idle connections closed when an accept fails for want of fds
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 Handler = Callable[[str, str, dict[str, list[str]], dict[str, Any] | None, Caller], Awaitable[tuple[int, Any]]]
@@ -99,12 +101,19 @@ class _Client:
 
 
 class HttpServer:
-    def __init__(self, path: str, handler: Handler, peers: PeerPolicy, limits: Limits | None = None) -> None:
+    def __init__(self, path: str, handler: Handler, peers: PeerPolicy, limits: Limits | None = None,
+                 may_accept: Callable[[], bool] = lambda: True) -> None:
         self.path = path
+        # False while pmond's fd reserve is spent on a launch: a connection accepted then would take the
+        # fds the launch needs (spawn.FdReserve).
+        self.may_accept = may_accept
+        self.sock: socket.socket | None = None
+        self.accepting = False
+        self.resume: asyncio.TimerHandle | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
         self.handler = handler
         self.peers = peers
         self.limits = limits or Limits()
-        self.server: asyncio.AbstractServer | None = None
         self.clients: set[_Client] = set()
         self.budget = self.limits.body_budget  # bytes of body budget left
         self._busy_logged = -math.inf
@@ -127,15 +136,74 @@ class HttpServer:
         if gid is not None:
             os.chown(self.path, -1, gid)
         os.chmod(self.path, mode)
-        self.server = await asyncio.start_unix_server(self._serve, sock=sock, limit=READ_SIZE)
+        sock.listen(128)
+        sock.setblocking(False)
+        self.sock = sock
+        self._accept_on()
+
+    # Accepting by hand rather than with asyncio.start_unix_server: out of fds, asyncio logs a traceback
+    # per failed accept and retries blindly; here a failed accept sheds idle clients and pauses, and
+    # accepting pauses too while pmond's fd reserve is spent on a launch.
+
+    def _accept_on(self) -> None:
+        if self.sock is not None and not self.accepting:
+            asyncio.get_running_loop().add_reader(self.sock.fileno(), self._on_acceptable)
+            self.accepting = True
+
+    def _accept_pause(self, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        if self.accepting and self.sock is not None:
+            loop.remove_reader(self.sock.fileno())
+            self.accepting = False
+        if self.resume is None:
+            self.resume = loop.call_later(seconds, self._accept_resume)
+
+    def _accept_resume(self) -> None:
+        self.resume = None
+        self._accept_on()
+
+    def _on_acceptable(self) -> None:
+        assert self.sock is not None
+        for _ in range(32):
+            if not self.may_accept():
+                self._accept_pause(ACCEPT_PAUSE)
+                return
+            try:
+                conn, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE, ENFILE, ENOBUFS, ENOMEM
+                shed = self.shed_idle(SHED_ON_EMFILE)
+                self._log_busy(f"cannot accept a connection ({exc.strerror}); closed {shed} idle connections")
+                self._accept_pause(ACCEPT_PAUSE)
+                return
+            task = asyncio.get_running_loop().create_task(self._serve_socket(conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _serve_socket(self, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=conn, limit=READ_SIZE)
+        except OSError:
+            conn.close()
+            return
+        await self._serve(reader, writer)
 
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
+        if self.sock is not None:
+            if self.accepting:
+                asyncio.get_running_loop().remove_reader(self.sock.fileno())
+                self.accepting = False
+            if self.resume is not None:
+                self.resume.cancel()
+            self.sock.close()
+            self.sock = None
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
+        for task in list(self.tasks):
+            task.cancel()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -185,6 +253,17 @@ class HttpServer:
             victim.writer.write(_raw_response(503, _error("busy", "pmond has too many connections; try again")))
             victim.writer.close()
         return True
+
+    def shed_idle(self, count: int) -> int:
+        """Close up to `count` connections that wait for a request head, unprivileged and longest-waiting
+        first: pmond ran out of fds (accept failed), and these hold fds while asking for nothing."""
+        idle = sorted((c for c in self.clients if c.waiting_since is not None),
+                      key=lambda c: (c.caller.privileged, c.waiting_since or 0.0))[:count]
+        for victim in idle:
+            victim.closed = True
+            self.clients.discard(victim)
+            victim.writer.close()
+        return len(idle)
 
     def _reserve(self, me: _Client, size: int) -> None:
         """Hold `size` bytes of the body budget for this client's request, or refuse it with 503."""

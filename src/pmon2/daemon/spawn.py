@@ -136,7 +136,75 @@ def _out_of_fds(exc: OSError) -> str | None:
 
 def _os_failure(spec: LaunchSpec, exc: OSError) -> SpawnError:
     """Any OSError while starting is a failed start, told in one line."""
-    return SpawnError(f"cannot start {spec.argv[0]}: {_out_of_fds(exc) or exc.strerror or exc}")
+    error = SpawnError(f"cannot start {spec.argv[0]}: {_out_of_fds(exc) or exc.strerror or exc}")
+    if exc.errno == errno.EMFILE:
+        error.code = "out_of_fds"
+    return error
+
+
+class FdReserve:
+    """A few fds that pmond holds (on /dev/null) against running out: when a start or an accept meets
+    EMFILE, the reserve is closed and the operation tried again, so pmond can still restart a service
+    and answer `ls`; it is taken again once fds are free."""
+
+    def __init__(self, count: int = 16) -> None:
+        self.count = count
+        self.fds: list[int] = []
+        self.launches = 0  # launches under way on the spent reserve: until they end, nothing takes it back
+        self.refill()
+
+    def refill(self) -> None:
+        while len(self.fds) < self.count:
+            try:
+                self.fds.append(os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC))
+            except OSError:
+                return
+
+    def release(self) -> bool:
+        """Close the reserve for a launch; False when there was none left to give. `done` when it ends."""
+        if not self.fds:
+            return False
+        for fd in self.fds:
+            os.close(fd)
+        self.fds.clear()
+        self.launches += 1
+        return True
+
+    def done(self) -> None:
+        self.launches -= 1
+        if self.launches == 0:
+            self.refill()
+
+    def ready(self) -> bool:
+        """May others take fds now (the server accepting a connection)? Not while a launch lives on the
+        spent reserve, nor until the reserve is whole again."""
+        if self.launches:
+            return False
+        if len(self.fds) < self.count:
+            self.refill()
+        return len(self.fds) == self.count
+
+
+RESERVE: FdReserve | None = None  # pmond's, made at start-up (main.py)
+
+
+def begin_with_reserve(spec: LaunchSpec, via: Launcher | None = None) -> Pending:
+    """`begin`, once more with the fd reserve released when pmond is out of fds."""
+    if RESERVE is not None and not RESERVE.launches and len(RESERVE.fds) < RESERVE.count:
+        RESERVE.refill()  # fds were freed since the reserve was spent
+    try:
+        return begin(spec, via)
+    except SpawnError as exc:
+        if exc.code != "out_of_fds" or RESERVE is None or not RESERVE.release():
+            raise
+        log.warning("out of file descriptors: the reserve is spent on starting %s", spec.argv[0])
+    try:
+        pending = begin(spec, via)
+    except BaseException:
+        RESERVE.done()
+        raise
+    pending.reserve = RESERVE  # given back when the launch ends (Pending._close)
+    return pending
 
 
 class Launcher:
@@ -262,6 +330,7 @@ class Pending:
         self.req = req
         self.status_r = self.ack_w = -1
         self.forked: int | None = None  # the intermediate's pid when pmond forked it itself
+        self.reserve: FdReserve | None = None  # the fd reserve this launch lives on, if any
         self._start(via)
 
     def _start(self, via: Launcher | None) -> None:
@@ -304,7 +373,9 @@ class Pending:
             msg = await self._report()
             if not msg and self.forked is None:
                 # The launcher died with our request in it: fork the intermediate ourselves.
+                reserve, self.reserve = self.reserve, None  # the launch goes on: keep what it lives on
                 self._close()
+                self.reserve = reserve
                 self._start(None)
                 msg = await self._report()
             if msg[:1] != b"P":
@@ -363,6 +434,9 @@ class Pending:
         if self.forked is not None:
             _reap_later(self.forked)
             self.forked = None
+        if self.reserve is not None:
+            self.reserve.done()
+            self.reserve = None
 
 
 def begin(spec: LaunchSpec, via: Launcher | None = None) -> Pending:

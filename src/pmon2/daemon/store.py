@@ -56,6 +56,7 @@ MIGRATIONS: list[str] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 # The ledger keeps this many of the newest events per service; older ones are pruned now and then.
 EVENTS_KEPT = 2000
+BUSY_TIMEOUT_MS = 5
 PRUNE_EVERY = 500
 
 RUNTIME_FIELDS = ("desired", "status", "pid", "start_ticks", "boot_id", "started_at", "restarts",
@@ -82,6 +83,15 @@ class Store:
             self.db.execute("PRAGMA synchronous = NORMAL")
             self.db.execute("PRAGMA cache_size = -512")  # KiB: the data is small, RSS matters more
             self._migrate(version)
+            # From here on pmond's loop runs: never let SQLite's busy wait block it for long. A locked
+            # database is retried asynchronously instead (persist.py).
+            self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        except sqlite3.OperationalError as exc:
+            self.db.close()
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise StoreError(f"the database {path} is locked by another process; pmond cannot start "
+                                 "until it lets go", code="locked") from None
+            raise StoreError(f"cannot use the database {path}: {exc}", code="unusable") from None
         except sqlite3.DatabaseError as exc:
             self.db.close()
             raise StoreError(f"cannot use the database {path}: {exc}; it was left untouched. "

@@ -24,6 +24,7 @@ from pmon2 import spec as model
 from pmon2.config import Config
 from pmon2.daemon import auth, recovery, spawn, watch
 from pmon2.daemon.launches import LaunchRecord, LaunchRecords
+from pmon2.daemon.persist import NotSaved, Persist
 from pmon2.daemon.policy import RestartPolicy, Status, Trigger, step
 from pmon2.daemon.rotate import RotationPolicy, Rotator
 from pmon2.daemon.store import Store
@@ -85,6 +86,7 @@ class Supervisor:
         self.launcher = launcher  # None: pmond forks each intermediate itself
         self.instance_id = instance_id(config.paths.data_dir)
         self.launches = LaunchRecords(os.path.join(config.paths.run_dir, "launches"))
+        self.persist = Persist(store)
         self._envs: dict[str, dict[str, str]] = {}  # one copy of each distinct environment
         self.config = config
         self.store = store
@@ -128,27 +130,29 @@ class Supervisor:
 
     # persistence
 
-    # A write that fails (a full disk, say) is logged and the service goes on being supervised: losing
-    # a ledger line is better than leaving a crashed service down.
+    # pmond's own writes never stop supervision: when the store fails they wait in memory (persist.py).
+    # A user's command writes through `self.persist.commit`: the store is the truth or the command fails.
 
     def _save(self, svc: Service, *fields: str) -> None:
+        self.persist.save(svc.id, {f: getattr(svc, f) for f in fields})
+
+    async def _commit_desired(self, svc: Service, desired: str) -> None:
+        """Store what the user asked for before acting on it; on failure undo and raise NotSaved."""
+        before, svc.desired = svc.desired, desired
         try:
-            self.store.update_service(svc.id, **{f: getattr(svc, f) for f in fields})
-        except sqlite3.Error as exc:
-            log.error("%s: cannot save its state: %s", svc.name, exc)
+            await self.persist.commit(lambda: self.store.update_service(svc.id, desired=desired))
+        except NotSaved:
+            svc.desired = before
+            raise
 
     def _event(self, svc: Service | None, kind: str, message: str, name: str | None = None,
                owner_uid: int | None = None, **data: Any) -> int | None:
         """Log and record an event; the caller of the API request being served (if any) is recorded."""
         log.info("%s: %s", svc.name if svc else name, message)
         caller = auth.CALLER.get()
-        try:
-            return self.store.add_event(svc.id if svc else None, svc.name if svc else (name or "?"), kind,
-                                        message, data or None, caller_uid=caller.uid if caller else None,
-                                        owner_uid=svc.uid if svc else owner_uid)
-        except sqlite3.Error as exc:
-            log.error("cannot record an event: %s", exc)
-            return None
+        return self.persist.event(svc.id if svc else None, svc.name if svc else (name or "?"), kind, message,
+                                  data or None, time.time(), caller_uid=caller.uid if caller else None,
+                                  owner_uid=svc.uid if svc else owner_uid)
 
     def _transition(self, svc: Service, trigger: Trigger, *, runtime: float | None = None,
                     user_initiated: bool = False) -> float | None:
@@ -349,7 +353,7 @@ class Supervisor:
 
     async def create(self, req: dict[str, Any]) -> Service:
         name, spec = self.build_spec(req)
-        service_id = self.store.insert_service(name, spec, Status.STOPPED.value)
+        service_id = await self.persist.commit(lambda: self.store.insert_service(name, spec, Status.STOPPED.value))
         svc = Service(id=service_id, name=name, spec=self._share_env(spec), uid=auth.uid_of_user(spec["user"]))
         self.services[svc.id] = svc
         async with svc.lock:
@@ -358,6 +362,10 @@ class Supervisor:
             except SpawnError:
                 # Leave no trace of a service that never ran: the user fixes the command and runs again.
                 self._forget(svc)
+                try:
+                    await self.persist.commit(lambda: self.store.delete_service(service_id))
+                except NotSaved as exc:
+                    log.error("%s: cannot remove the service that failed to start: %s", name, exc.message)
                 raise
         return svc
 
@@ -371,8 +379,9 @@ class Supervisor:
         return spec
 
     def _forget(self, svc: Service) -> None:
+        """Drop a service from memory and the run dir (the caller deletes its row)."""
         del self.services[svc.id]
-        self.store.delete_service(svc.id)
+        self.persist.forget(svc.id)
         self.launches.remove(svc.id)
         if not any(other.spec["env"] is svc.spec["env"] for other in self.services.values()):
             self._envs.pop(json.dumps(svc.spec["env"], sort_keys=True), None)
@@ -389,7 +398,7 @@ class Supervisor:
         self._cancel_retry(svc)
         try:
             if pending is None:
-                pending = spawn.begin(self._launch_spec(svc), self.launcher)
+                pending = spawn.begin_with_reserve(self._launch_spec(svc), self.launcher)
             launched = await pending.finish(lambda pid, ticks: self.launches.write(
                 LaunchRecord(svc.id, pid, ticks, procfs.boot_id(), svc.name)))
         except SpawnError as exc:
@@ -455,7 +464,7 @@ class Supervisor:
             # The new process first, the ledger after: the launch runs while the rows are written.
             pending = None
             try:
-                pending = spawn.begin(self._launch_spec(svc), self.launcher)
+                pending = spawn.begin_with_reserve(self._launch_spec(svc), self.launcher)
             except SpawnError:
                 pass  # _start tries again, and records the failure
             self._spawn_task(self._auto_start(svc, svc.generation, restart=True, pending=pending))
@@ -590,8 +599,7 @@ class Supervisor:
     async def start(self, ref: str) -> Service:
         svc = self.find(ref)
         async with svc.lock:
-            svc.desired = "running"
-            self._save(svc, "desired")
+            await self._commit_desired(svc, "running")
             if not svc.alive:
                 svc.fast_exits = 0
                 if svc.status is Status.BACKOFF:
@@ -604,8 +612,7 @@ class Supervisor:
         if force and svc.escalate is not None:
             svc.escalate.set()  # a graceful stop holds the lock: cut it short rather than wait behind it
         async with svc.lock:
-            svc.desired = "stopped"
-            self._save(svc, "desired")
+            await self._commit_desired(svc, "stopped")
             await self._terminate(svc, force)
         return svc
 
@@ -613,8 +620,7 @@ class Supervisor:
         svc = self.find(ref)
         async with svc.lock:
             was_alive = svc.alive
-            svc.desired = "running"
-            self._save(svc, "desired")
+            await self._commit_desired(svc, "running")
             await self._terminate(svc, force=False)
             svc.fast_exits = 0
             await self._start(svc, user_initiated=True, restart=was_alive)
@@ -639,9 +645,16 @@ class Supervisor:
         if force and svc.escalate is not None:
             svc.escalate.set()
         async with svc.lock:
+            # Stopped for good first: if the row cannot be deleted afterwards, the next pmond still
+            # leaves it stopped, and the user is told.
+            await self._commit_desired(svc, "stopped")
             await self._terminate(svc, force=force)
             # Processes of the service that left its group (setsid) still carry its marker: no leftovers.
             self._stop_orphans(svc.id, recovery.marked_processes(self.instance_id).get(svc.id, []), svc)
+            try:
+                await self.persist.commit(lambda: self.store.delete_service(svc.id))
+            except NotSaved as exc:
+                raise NotSaved(f"{svc.name} is stopped but not deleted: {exc.message}") from None
             self._forget(svc)
             self._event(None, "delete", "deleted", name=svc.name, owner_uid=svc.uid)
         return svc
@@ -719,8 +732,11 @@ class Supervisor:
             "autorestart": s["autorestart"], "out_log": s["out_log"], "err_log": s["err_log"],
         }
         if detail:
-            recent = [{"at": iso(e["at"]), "message": e["message"]} | e["data"]
-                      for e in self.store.events(svc.id, 5, kind="exit")]
+            try:
+                recent = [{"at": iso(e["at"]), "message": e["message"]} | e["data"]
+                          for e in self.store.events(svc.id, 5, kind="exit")]
+            except sqlite3.Error:
+                recent = []  # the ledger cannot be read now (locked): the rest of the view still can
             rotation = self.rotation_policy(svc)
             out |= {"log_max_size": rotation.max_size, "log_keep": rotation.keep, "log_compress": rotation.compress,
                     "exe": s["exe"], "env": s["env"] if show_env else model.mask_env(s["env"]),

@@ -244,7 +244,10 @@ class GroupSignal:
     @classmethod
     def probe(cls) -> bool:
         if cls.supported is None:
-            fd = os.pidfd_open(os.getpid())
+            try:
+                fd = os.pidfd_open(os.getpid())
+            except OSError:  # out of fds: ask again next time (pmond probes at start-up, see main.py)
+                return False
             try:
                 signal.pidfd_send_signal(fd, 0, None, PIDFD_SIGNAL_PROCESS_GROUP)
                 cls.supported = True
