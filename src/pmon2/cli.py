@@ -25,10 +25,11 @@ EXAMPLES = {
     "ls": "pmon2 ls\n  pmon2 ls --json | jq '.[].status'",
     "desc": "pmon2 desc api",
     "start": "pmon2 start api",
-    "stop": "pmon2 stop api\n  pmon2 stop -f 3",
-    "restart": "pmon2 restart api",
+    "stop": "pmon2 stop api\n  pmon2 stop -f 3\n  pmon2 stop 'web-*' worker\n  pmon2 stop all",
+    "restart": "pmon2 restart api worker\n  pmon2 restart all",
     "reload": "pmon2 reload api --sig HUP",
-    "del": "pmon2 del api",
+    "del": "pmon2 del api\n  pmon2 del -y all",
+    "rename": "pmon2 rename all all-old    # fix a name that today's rules refuse",
     "log": "pmon2 log api -n 50\n  pmon2 log              # all services",
     "logf": "pmon2 logf api worker\n  pmon2 logf            # all services",
     "monit": "pmon2 monit      (keys: r restart, s stop, t start, l reload, d delete, q quit)",
@@ -55,7 +56,7 @@ RUN_FLAGS: dict[str, tuple[str, bool]] = {
     "--kill-timeout": ("kill_timeout", True), "--stop-signal": ("stop_signal", True),
     "--log-max-size": ("log_max_size", True), "--log-keep": ("log_keep", True),
     "--log-compress": ("log_compress", False), "--json": ("json", False),
-    "--env": ("env", True), "--env-clear": ("env_clear", False),
+    "--env": ("env", True), "--env-clear": ("env_clear", False), "--cwd": ("cwd", True),
 }
 REPEATABLE = {"env"}
 RUN_SHORT = {"-n": "--name", "-a": "--args", "-u": "--user", "-l": "--log", "-d": "--log_dir"}
@@ -184,7 +185,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not eq or not key:
             raise UsageError(f"--env {item!r}: use KEY=VALUE")
         env[key] = value
-    body: dict[str, Any] = {"argv": argv, "cwd": os.getcwd(), "env": env,
+    cwd = os.path.abspath(opts["cwd"]) if opts.get("cwd") else os.getcwd()  # relative: to the caller's cwd
+    body: dict[str, Any] = {"argv": argv, "cwd": cwd, "env": env,
                             "autorestart": not opts.get("no_autorestart", False)}
     if opts.get("log_compress"):
         body["log_compress"] = True
@@ -228,88 +230,105 @@ def cmd_desc(args: argparse.Namespace) -> int:
     return 0
 
 
-def _action(action: str, body: dict[str, Any] | None = None) -> Callable[[argparse.Namespace], dict[str, Any]]:
-    def call(args: argparse.Namespace) -> dict[str, Any]:
-        client = _client()
-        return client.request("POST", client.service_path(args.service, action), body or {})
-    return call
+def _batch(action: str, refs: list[str], done: Callable[[dict[str, Any]], str],
+           extra: dict[str, Any] | None = None) -> int:
+    """One request for any number of services (ids, names, globs, `all`): pmond resolves the selection
+    all or nothing, runs the action on all of them at once, and answers one result each. One line per
+    service; non-zero when any one failed."""
+    results = _client().request("POST", f"/v1/actions/{action}", {"select": refs, **(extra or {})})["results"]
+    failed = 0
+    for item in results:
+        if item["ok"]:
+            _say(done(item["service"]))
+        else:
+            failed += 1
+            sys.stderr.write(f"pmon2: {item['name']}: {item['error']['message']}\n")
+    return 1 if failed else 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    svc = _action("start")(args)
-    _say(f"{svc['name']} running (pid {svc['pid']})")
-    return 0
+    return _batch("start", args.service, lambda s: f"{s['name']} running (pid {s['pid']})")
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    client = _client()
-    svc = client.request("POST", client.service_path(args.service, "stop"), {"force": args.force})
-    _say(f"{svc['name']} stopped")
-    return 0
+    return _batch("stop", args.service, lambda s: f"{s['name']} stopped", {"force": args.force})
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    svc = _action("restart")(args)
-    _say(f"{svc['name']} restarted (pid {svc['pid']})")
-    return 0
+    return _batch("restart", args.service, lambda s: f"{s['name']} restarted (pid {s['pid']})")
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    client = _client()
-    svc = client.request("POST", client.service_path(args.service, "reload"), {"signal": args.sig})
-    _say(f"sent {svc['signal']} to {svc['name']} (pid {svc['pid']})")
-    return 0
+    return _batch("reload", args.service, lambda s: f"sent {s['signal']} to {s['name']} (pid {s['pid']})",
+                  {"signal": args.sig})
 
 
 def cmd_del(args: argparse.Namespace) -> int:
-    client = _client()
-    path = client.service_path(args.service)
-    svc = client.request("DELETE", path + "?force=true" if args.force else path)
-    _say(f"deleted {svc['name']} (id {svc['id']})")
-    return 0
+    if "all" in args.service and not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError("del all deletes every service: add -y to confirm")
+        sys.stderr.write("delete every service? [y/N] ")
+        sys.stderr.flush()
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            _say("nothing deleted")
+            return 1
+    return _batch("delete", args.service, lambda s: f"deleted {s['name']} (id {s['id']})", {"force": args.force})
 
 
-def _services_named(client: Any, refs: list[str]) -> list[dict[str, Any]]:
-    """The services `refs` name, in order; all of them when `refs` is empty."""
-    if not refs:
-        services = client.request("GET", "/v1/services")
-        if not services:
-            raise PmonError("no services yet: start one with  pmon2 run ./bin/app --name app")
-        return services
-    return [client.request("GET", client.service_path(ref)) for ref in refs]
+def _log_path(args: argparse.Namespace, follow: bool) -> str:
+    """GET /v1/logs for `log` and `logf`: pmond reads the files, so no access to the log dir is needed."""
+    from pmon2.render import logs
+
+    if args.lines < 0:
+        raise UsageError("-n must be 0 or more")
+    if args.out and args.err:
+        raise UsageError("--out or --err, not both (neither shows both)")
+    if any("," in ref for ref in args.service):
+        raise UsageError("a service reference cannot hold ','")
+    return logs.api_path(args.service, args.lines, "out" if args.out else "err" if args.err else "all", follow)
 
 
 def cmd_log(args: argparse.Namespace) -> int:
     from pmon2.render import logs
 
-    if args.lines < 0:
-        raise UsageError("-n must be 0 or more")
-    services = _services_named(_client(), args.service)
-    color = _color()
-    for svc in services:
-        sys.stdout.write(logs.tail_service(svc, args.lines, color, show_name=len(services) > 1))
-    return 0
+    answer = _client().request("GET", _log_path(args, follow=False))
+    sys.stdout.write(logs.render_json(answer) if args.json else logs.render_text(answer, args.lines, _color()))
+    sys.stdout.flush()
+    problems = logs.problems(answer)
+    for problem in problems:
+        sys.stderr.write(f"pmon2: {problem}\n")
+    return 1 if problems else 0
 
 
 def cmd_logf(args: argparse.Namespace) -> int:
     from pmon2.render import logs
 
-    if args.lines < 0:
-        raise UsageError("-n must be 0 or more")
-    services = _services_named(_client(), args.service)
+    path = _log_path(args, follow=True)
     try:
-        logs.follow(services, args.lines, _color(), sys.stdout)
+        logs.follow(_client().stream("GET", path), _color(), sys.stdout, sys.stderr, as_json=args.json)
     except KeyboardInterrupt:
         pass
     return 0
 
 
-def cmd_flush(args: argparse.Namespace) -> int:
+def cmd_rename(args: argparse.Namespace) -> int:
     client = _client()
-    path = client.service_path(args.service, "flush") if args.service else "/v1/flush"
-    result = client.request("POST", path)
-    _say(f"emptied {len(result['files'])} log file{'s' if len(result['files']) != 1 else ''}")
+    svc = client.request("POST", client.service_path(args.service, "rename"), {"name": args.name})
+    _say(f"renamed {args.service} to {svc['name']} (id {svc['id']})")
     return 0
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    def done(result: dict[str, Any]) -> str:
+        n = len(result["files"])
+        from pmon2.render.words import files_emptied
+
+        return files_emptied(n)
+
+    if not args.service:
+        _say(done(_client().request("POST", "/v1/flush")))  # every service: root only
+        return 0
+    return _batch("flush", args.service, done)
 
 
 def cmd_monit(args: argparse.Namespace) -> int:
@@ -507,7 +526,7 @@ def _asks_help(tokens: list[str]) -> bool:
 
 COMMAND_NAMES = frozenset({
     "run", "exec", "ls", "list", "desc", "show", "start", "restart", "stop", "reload", "del", "delete", "log",
-    "logf", "flush", "monit", "dash", "completion", "events", "why", "version", "daemon", "_names",
+    "logf", "flush", "monit", "dash", "completion", "events", "why", "version", "daemon", "_names", "rename",
     "startup", "unstartup",
 })
 
@@ -521,6 +540,9 @@ class _Skipped:
         pass
 
     def add_argument_group(self, *args: Any, **kwargs: Any) -> _Skipped:
+        return self
+
+    def add_mutually_exclusive_group(self, *args: Any, **kwargs: Any) -> _Skipped:
         return self
 
 
@@ -557,6 +579,7 @@ def build_parser(only: str | None = None) -> Parser:
     group.add_argument("--log-keep", metavar="N", help="rotated files to keep (default 5)")
     group.add_argument("--log-compress", action="store_true", help="gzip rotated files")
     group.add_argument("--env", metavar="KEY=VALUE", help="set a variable for the service (repeatable)")
+    group.add_argument("--cwd", metavar="DIR", help="working directory (default: yours; relative to yours)")
     group.add_argument("--env-clear", action="store_true",
                        help="start from an empty environment (default: yours, minus session variables)")
     group.add_argument("--json", action="store_true", help="print the new service as JSON")
@@ -569,27 +592,34 @@ def build_parser(only: str | None = None) -> Parser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--show-env", action="store_true",
                    help="show environment values in clear (root and the service's own user only)")
-    for name, func, text in (("start", cmd_start, "start a stopped service"),
-                             ("restart", cmd_restart, "stop a service, wait until it is gone, start it again")):
+    for name, func, text in (("start", cmd_start, "start stopped services"),
+                             ("restart", cmd_restart, "stop services, wait until they are gone, start them again")):
         p = command(name, func, text)
-        p.add_argument("service", help="id or name")
-    p = command("stop", cmd_stop, "stop a service (SIGTERM to its group, SIGKILL after the kill timeout)")
-    p.add_argument("service", help="id or name")
-    p.add_argument("-f", "--force", action="store_true", help="SIGKILL at once")
-    p = command("reload", cmd_reload, "send a signal (default USR2) to a service without restarting it")
-    p.add_argument("service", help="id or name")
-    p.add_argument("--sig", "-s", default="USR2", help="signal: HUP, USR1, USR2 or any name or number")
-    p = command("del", cmd_del, "stop and forget a service", ("delete",))
-    p.add_argument("service", help="id or name")
+        p.add_argument("service", nargs="+", help="ids, names, globs such as 'web-*', or all")
+    p = command("stop", cmd_stop, "stop services (SIGTERM to each group, SIGKILL after the kill timeout)")
+    p.add_argument("service", nargs="+", help="ids, names, globs such as 'web-*', or all")
     p.add_argument("-f", "--force", action="store_true", help="SIGKILL at once (cuts a graceful stop short)")
-    p = command("log", cmd_log, "print the last lines of services' stdout and stderr")
-    p.add_argument("service", nargs="*", help="ids or names (default: all)")
-    p.add_argument("-n", "--lines", type=int, default=20, help="lines of each stream (default 20)")
-    p = command("logf", cmd_logf, "follow services' logs, like tail -f, across rotation")
-    p.add_argument("service", nargs="*", help="ids or names (default: all)")
-    p.add_argument("-n", "--lines", type=int, default=10, help="lines to show first (default 10)")
-    p = command("flush", cmd_flush, "empty the log files of one service, or of all")
-    p.add_argument("service", nargs="?", help="id or name (default: all)")
+    p = command("reload", cmd_reload, "send a signal (default USR2) to services without restarting them")
+    p.add_argument("service", nargs="+", help="ids, names, globs such as 'web-*', or all")
+    p.add_argument("--sig", "-s", default="USR2", help="signal: HUP, USR1, USR2 or any name or number")
+    p = command("del", cmd_del, "stop and forget services", ("delete",))
+    p.add_argument("service", nargs="+", help="ids, names, globs such as 'web-*', or all")
+    p.add_argument("-f", "--force", action="store_true", help="SIGKILL at once (cuts a graceful stop short)")
+    p.add_argument("-y", "--yes", action="store_true", help="do not ask before `del all`")
+    for name, func, text, lines in (
+            ("log", cmd_log, "print the last lines of services' stdout and stderr, rotated files included", 20),
+            ("logf", cmd_logf, "follow services' logs, like tail -f, across rotation", 10)):
+        p = command(name, func, text)
+        p.add_argument("service", nargs="*", help="ids, names, globs such as 'web-*', or all (default: all)")
+        p.add_argument("-n", "--lines", type=int, default=lines, help=f"lines of each stream first (default {lines})")
+        p.add_argument("--out", action="store_true", help="stdout only")
+        p.add_argument("--err", action="store_true", help="stderr only (none for a service with one --log file)")
+        p.add_argument("--json", action="store_true", help='one {"service", "stream", "text"} object per line')
+    p = command("rename", cmd_rename, "give a service a new name (its log files keep their paths)")
+    p.add_argument("service", help="id or name")
+    p.add_argument("name", help="the new name")
+    p = command("flush", cmd_flush, "empty the log files of services, or of all")
+    p.add_argument("service", nargs="*", help="ids, names or globs (default: all, root only)")
     command("monit", cmd_monit, "live dashboard: cpu, memory, logs; keys restart, stop, start, reload, delete",
             ("dash",))
     p = command("completion", cmd_completion, "print a shell completion script")

@@ -19,6 +19,7 @@ from pmon2.paths import Paths, socket_address
 # Not `typing`: importing it costs the CLI a few ms, and annotations are strings here anyway.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import Any
 
 START_TIMEOUT = 15.0
@@ -72,20 +73,7 @@ class Client:
         head = (f"{method} {path} HTTP/1.1\r\nHost: pmon2\r\nConnection: close\r\n"
                 f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n").encode()
         connect_timeout = CONNECT_TIMEOUT if timeout is None else min(timeout, CONNECT_TIMEOUT)
-        try:
-            sock = self._connect(connect_timeout)
-        except (FileNotFoundError, ConnectionRefusedError):
-            if not autostart:
-                raise DaemonUnreachable("pmond is not running") from None
-            self.start_daemon()
-            sock = self._connect(connect_timeout)
-        except PermissionError:
-            raise DaemonUnreachable(f"permission denied on {self.paths.socket}: run as root or join the "
-                                    "pmon2 group") from None
-        except TimeoutError:
-            raise DaemonUnreachable(f"pmond did not accept a connection within {connect_timeout:g} s") from None
-        except OSError as exc:
-            raise DaemonUnreachable(f"cannot reach pmond at {self.paths.socket}: {exc.strerror}") from None
+        sock = self._reach(connect_timeout, autostart)
         chunks = []
         try:
             sock.settimeout(timeout)
@@ -108,6 +96,56 @@ class Client:
             err = data.get("error", {}) if isinstance(data, dict) else {}
             raise ApiError(status, err.get("code", "error"), err.get("message", f"pmond answered {status}"))
         return data
+
+    def _reach(self, connect_timeout: float, autostart: bool) -> _socket.socket:
+        """A connection to pmond, started first if it is down and `autostart`; DaemonUnreachable if none."""
+        try:
+            return self._connect(connect_timeout)
+        except (FileNotFoundError, ConnectionRefusedError):
+            if not autostart:
+                raise DaemonUnreachable("pmond is not running") from None
+            self.start_daemon()
+            return self._connect(connect_timeout)
+        except PermissionError:
+            raise DaemonUnreachable(f"permission denied on {self.paths.socket}: run as root or join the "
+                                    "pmon2 group") from None
+        except TimeoutError:
+            raise DaemonUnreachable(f"pmond did not accept a connection within {connect_timeout:g} s") from None
+        except OSError as exc:
+            raise DaemonUnreachable(f"cannot reach pmond at {self.paths.socket}: {exc.strerror}") from None
+
+    def stream(self, method: str, path: str, *, autostart: bool = True) -> Iterator[list[Any]]:
+        """Send one request that pmond answers with a stream of JSON values, one a line (NDJSON, sent
+        chunked: GET /v1/logs?follow=true), over this one connection: yield the values as they come, a
+        list per chunk, until pmond ends the stream. An error status raises ApiError, as request() does;
+        a connection lost midway (pmond stopped) raises DaemonUnreachable."""
+        head = f"{method} {path} HTTP/1.1\r\nHost: pmon2\r\nConnection: close\r\nContent-Length: 0\r\n\r\n"
+        sock = self._reach(CONNECT_TIMEOUT, autostart)
+        try:
+            sock.settimeout(None)
+            sock.sendall(head.encode())
+            reader = _Reader(sock)
+            status, headers = reader.head()
+            if "chunked" not in headers.get("transfer-encoding", "").lower():  # a whole answer: an error
+                status, data = parse_response(reader.rest())
+                if status >= 400:
+                    err = data.get("error", {}) if isinstance(data, dict) else {}
+                    raise ApiError(status, err.get("code", "error"), err.get("message", f"pmond answered {status}"))
+                yield [data]
+                return
+            pending = b""
+            while (chunk := reader.chunk()) is not None:
+                *lines, pending = (pending + chunk).split(b"\n")
+                try:
+                    values = [json.loads(line) for line in lines if line.strip()]
+                except ValueError:
+                    raise DaemonUnreachable("pmond sent a stream that is not JSON lines") from None
+                if values:
+                    yield values
+        except OSError as exc:
+            raise DaemonUnreachable(f"lost the connection to pmond: {exc.strerror}") from None
+        finally:
+            sock.close()
 
     def service_path(self, ref: str, action: str = "") -> str:
         return f"/v1/services/{quote(str(ref))}" + (f"/{action}" if action else "")
@@ -157,6 +195,66 @@ class Client:
             return f"no output (see {self.paths.start_log})"
         last = lines[-1]
         return last.removeprefix("pmond: ")
+
+
+class _Reader:
+    """The answer to a streamed request, read as it comes: the head, then chunks (RFC 9112 §7.1)."""
+
+    def __init__(self, sock: _socket.socket) -> None:
+        self.sock = sock
+        self.buf = bytearray()
+        self.raw_head = b""
+
+    def _more(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            if not self.raw_head:
+                raise DaemonUnreachable("lost the connection to pmond before it answered (see `pmon2 daemon status`)")
+            raise DaemonUnreachable("pmond ended the stream (stopped?)")
+        self.buf += data
+
+    def head(self) -> tuple[int, dict[str, str]]:
+        while (end := self.buf.find(b"\r\n\r\n")) < 0:
+            if len(self.buf) > 65536:
+                raise DaemonUnreachable("pmond sent a malformed answer: no end to its head")
+            self._more()
+        self.raw_head = bytes(self.buf[:end + 4])
+        del self.buf[:end + 4]
+        lines = self.raw_head.decode("latin-1").split("\r\n")
+        try:
+            status = int(lines[0].split()[1])
+        except (IndexError, ValueError):
+            raise DaemonUnreachable(f"pmond sent a malformed status line: {lines[0][:80]!r}") from None
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        return status, headers
+
+    def rest(self) -> bytes:
+        """The whole answer (head and body) once pmond closes the connection."""
+        while data := self.sock.recv(65536):
+            self.buf += data
+        return self.raw_head + bytes(self.buf)
+
+    def chunk(self) -> bytes | None:
+        """The next chunk's data; None at the last chunk."""
+        while (end := self.buf.find(b"\r\n")) < 0:
+            if len(self.buf) > 1024:
+                raise DaemonUnreachable("pmond sent a malformed chunk")
+            self._more()
+        try:
+            size = int(bytes(self.buf[:end]).split(b";")[0].strip(), 16)
+        except ValueError:
+            raise DaemonUnreachable("pmond sent a malformed chunk") from None
+        del self.buf[:end + 2]
+        if size == 0:
+            return None
+        while len(self.buf) < size + 2:
+            self._more()
+        data = bytes(self.buf[:size])
+        del self.buf[:size + 2]
+        return data
 
 
 def quote(text: str) -> str:

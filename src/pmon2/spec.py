@@ -24,6 +24,7 @@ from typing import Any
 from pmon2.errors import BadRequest
 
 # limits of what a request may hold: a name shows in file names (255 bytes each, with "-out.log.10.gz")
+RESERVED_NAMES = frozenset({"all"})  # words a selector uses (pmon2 stop all)
 NAME_MAX_CHARS = 64
 NAME_MAX_BYTES = 128
 MAX_SECONDS = 86400.0
@@ -186,6 +187,8 @@ def check_name(value: Any) -> str:
         raise ValueError(f"{name!r}: {what} ({rule})")
     if all(unicodedata.category(c) == "Nd" or c.isdigit() for c in name):
         raise ValueError(f"{name!r} is only digits, which reads as an id ({rule})")
+    if name.casefold() in RESERVED_NAMES:
+        raise ValueError(f"{name!r} is a word that selects services; choose another name")
     return name
 
 
@@ -300,6 +303,24 @@ RELOAD_FIELDS = (Field("signal", {"type": ["string", "integer", "null"]},
                        lambda v: None if v is None else _signal(v), "Signal to send; default USR2.",
                        default=None),)
 NO_FIELDS: tuple[Field, ...] = ()
+MAX_SELECT = 1000
+
+
+def _select(value: Any) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("must be a list of ids, names, globs or 'all'")
+    if len(value) > MAX_SELECT:
+        raise ValueError(f"has more than {MAX_SELECT} items")
+    return [_string(v) for v in value]
+
+
+SELECT = Field("select", {"type": "array", "items": {"type": "string"}, "minItems": 1}, _select,
+               "Which services: ids, names, shell-style globs ('web-*') or 'all'. All or nothing: a ref that "
+               "matches nothing fails the whole request.")
+RENAME_FIELDS = (Field("name", SERVICE_FIELDS[1].schema, check_name, "The new name."),)
+# POST /v1/actions/{action}: the selection plus the fields of that action
+ACTION_FIELDS = {"start": (SELECT,), "stop": (SELECT, *STOP_FIELDS), "restart": (SELECT,),
+                 "reload": (SELECT, *RELOAD_FIELDS), "delete": (SELECT, *STOP_FIELDS), "flush": (SELECT,)}
 
 # Query strings (values are text).
 LIMIT = Field("limit", {"type": "integer", "minimum": 1, "maximum": 100_000},
@@ -308,6 +329,38 @@ FORCE = Field("force", {"type": "boolean"}, lambda v: _bool_text(v), "SIGKILL at
               default=False)
 SHOW_ENV = Field("show_env", {"type": "boolean"}, lambda v: _bool_text(v),
                  "Show environment values in clear (root and the service's own user only).", default=False)
+
+MAX_LOG_LINES = 100_000
+MAX_LOG_REFS = 1000
+
+
+def _stream_text(text: str) -> str:
+    if text not in ("out", "err", "all"):
+        raise ValueError(f"must be out, err or all, not {text!r}")
+    return text
+
+
+def _refs_text(text: str) -> list[str]:
+    refs = [r.strip() for r in _string(text, empty=True).split(",") if r.strip()]
+    if len(refs) > MAX_LOG_REFS:
+        raise ValueError(f"has more than {MAX_LOG_REFS} items")
+    return refs or ["all"]
+
+
+# GET /v1/logs and /v1/services/{ref}/logs
+LINES = Field("lines", {"type": "integer", "minimum": 0, "maximum": MAX_LOG_LINES},
+              lambda v: _integer(0, MAX_LOG_LINES)(_int_text(v)),
+              "How many of the last lines of each stream, across rotated files (with follow: shown first).",
+              default=20)
+STREAM = Field("stream", {"type": "string", "enum": ["out", "err", "all"]}, _stream_text,
+               "Which stream: out, err or all. A service whose stdout and stderr share one file (--log) has "
+               "only out.", default="all")
+FOLLOW = Field("follow", {"type": "boolean"}, lambda v: _bool_text(v),
+               "Keep the response open and send new lines as they are written (NDJSON, chunked).", default=False)
+LOG_SELECT = Field("select", {"type": "string"}, _refs_text,
+                   "Comma-separated ids, names, globs ('web-*') or all; all or nothing, as for actions.",
+                   default=["all"])
+LOG_QUERY = (LINES, STREAM, FOLLOW)
 
 
 def check_body(body: Mapping[str, Any] | None, fields: tuple[Field, ...]) -> dict[str, Any]:

@@ -90,9 +90,10 @@ def test_logf_shows_a_line_written_after_it_started(pmon):
         proc = subprocess.Popen(pmon.cmd("logf", "follow"), stdout=fh, stderr=subprocess.STDOUT,
                                 cwd=pmon.work, env=pmon.env, stdin=subprocess.DEVNULL)
     try:
-        # The log is empty, so logf prints nothing at first: it is ready once it holds the log open.
-        pmon.wait_for(lambda: proc.poll() is None and _logf_is_following(proc.pid, svc["out_log"]),
-                      message="logf to open the service's log")
+        # The log is empty, so logf prints nothing at first: it is ready once pmond, which reads the logs
+        # for it (GET /v1/logs?follow=true), holds the log open.
+        pmon.wait_for(lambda: proc.poll() is None and _logf_is_following(pmon.daemon_pid(), svc["out_log"]),
+                      message="pmond to open the service's log for logf")
         pmon.run("reload", "follow", "--sig", "HUP")
         pmon.wait_for(lambda: "out | got SIGHUP" in capture.read_text(), timeout=5.0,
                       message=lambda: f"the new line in logf's output: {capture.read_text()!r}")

@@ -6,6 +6,7 @@ handler checks the caller (pmon2.daemon.auth): non-root callers see and act on t
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,9 +14,10 @@ from typing import Any
 from pmon2 import spec as model
 from pmon2.daemon import auth
 from pmon2.daemon.auth import Caller, Forbidden
+from pmon2.daemon.logread import LogApi
 from pmon2.daemon.server import unquote
 from pmon2.daemon.supervisor import Supervisor
-from pmon2.errors import NotFound
+from pmon2.errors import BadRequest, NotFound, PmonError
 
 Handler = Callable[..., Awaitable[tuple[int, Any]]]
 # (method, path pattern, body fields, query fields, handler)
@@ -47,6 +49,10 @@ class Api:
             ("GET", re.compile(r"/v1/events"), none, (model.LIMIT,), self.all_events),
             ("POST", re.compile(ref + "/flush"), none, none, self.flush),
             ("POST", re.compile(r"/v1/flush"), none, none, self.flush_all),
+            ("POST", re.compile(ref + "/rename"), model.RENAME_FIELDS, none, self.rename),
+            *[("POST", re.compile(f"/v1/actions/{action}"), fields, none, self._batch(action))
+              for action, fields in model.ACTION_FIELDS.items()],
+            *LogApi(supervisor).routes(),  # GET .../logs: handlers in logread.py
         ]
 
     async def __call__(self, method: str, path: str, query: dict[str, list[str]], body: dict[str, Any] | None,
@@ -123,12 +129,13 @@ class Api:
     async def service_events(self, ref: str, caller: Caller, options: dict[str, Any], **_: Any) -> tuple[int, Any]:
         svc = self.sup.find(ref, caller)
         return 200, await self.sup.persist.commit(lambda: self.sup.store.events(svc.id, options["limit"]),
-                                                  "the ledger cannot be read now")
+                                                  "the ledger cannot be read now", read=True)
 
     async def all_events(self, caller: Caller, options: dict[str, Any], **_: Any) -> tuple[int, Any]:
         owner = None if caller.privileged else caller.uid
         return 200, await self.sup.persist.commit(
-            lambda: self.sup.store.events(None, options["limit"], owner_uid=owner), "the ledger cannot be read now")
+            lambda: self.sup.store.events(None, options["limit"], owner_uid=owner), "the ledger cannot be read now",
+            read=True)
 
     async def flush(self, ref: str, caller: Caller, **_: Any) -> tuple[int, Any]:
         return 200, {"files": self.sup.flush([self.sup.find(ref, caller)])}
@@ -136,6 +143,47 @@ class Api:
     async def flush_all(self, caller: Caller, **_: Any) -> tuple[int, Any]:
         caller.require_root("flush of every service")
         return 200, {"files": self.sup.flush(list(self.sup.services.values()))}
+
+    async def rename(self, ref: str, caller: Caller, fields: dict[str, Any], **_: Any) -> tuple[int, Any]:
+        if "name" not in fields:
+            raise BadRequest("name: the new name is needed")
+        return 200, self.sup.view(await self.sup.rename(self._own(ref, caller), fields["name"]), detail=True)
+
+    def _batch(self, action: str) -> Handler:
+        """POST /v1/actions/{action}: one action on the services `select` names, resolved all or nothing
+        first, then run on all of them at once (a restart of 100 takes as long as the slowest). 200 with
+        {"results": [{"id", "name", "ok", "service" | "error"}]}, in id order."""
+        async def run(caller: Caller, fields: dict[str, Any], **_: Any) -> tuple[int, Any]:
+            if "select" not in fields:
+                raise BadRequest("select: which services? ids, names, globs or 'all'")
+            services = self.sup.select(fields["select"], caller)
+            force = fields.get("force", False)
+
+            async def one(ref: str) -> dict[str, Any]:
+                if action == "start":
+                    return self.sup.view(await self.sup.start(ref))
+                if action == "stop":
+                    return self.sup.view(await self.sup.stop(ref, force=force))
+                if action == "restart":
+                    return self.sup.view(await self.sup.restart(ref))
+                if action == "reload":
+                    svc, sig = await self.sup.reload(ref, fields.get("signal"))
+                    return self.sup.view(svc) | {"signal": sig}
+                if action == "delete":
+                    svc = await self.sup.delete(ref, force=force)
+                    return {"id": svc.id, "name": svc.name, "deleted": True}
+                return {"files": self.sup.flush([self.sup.find(ref)])}
+
+            async def guarded(svc: Any) -> dict[str, Any]:
+                try:
+                    return {"id": svc.id, "name": svc.name, "ok": True, "service": await one(str(svc.id))}
+                except PmonError as exc:
+                    return {"id": svc.id, "name": svc.name, "ok": False,
+                            "error": {"code": exc.code, "message": exc.message}}
+
+            results = await asyncio.gather(*(guarded(svc) for svc in services))
+            return 200, {"results": list(results)}
+        return run
 
     def _own(self, ref: str, caller: Caller) -> str:
         """The id of the service `ref` names, if the caller owns it (else NotFound, as if absent)."""

@@ -56,6 +56,31 @@ class LaunchRecords:
         except FileNotFoundError:
             pass
 
+    def write_commits(self, count: int, boot_id: str) -> None:
+        """The number of user commands the database holds, as pmond last saw it committed."""
+        tmp = ".commits.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=self.dirfd)
+        try:
+            os.write(fd, f"{boot_id} {count}\n".encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, "commits", src_dir_fd=self.dirfd, dst_dir_fd=self.dirfd)
+
+    def read_commits(self) -> tuple[str, int] | None:
+        try:
+            fd = os.open("commits", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=self.dirfd)
+        except OSError:
+            return None
+        try:
+            parts = os.read(fd, 256).decode(errors="replace").split()
+        finally:
+            os.close(fd)
+        try:
+            return parts[0], int(parts[1])
+        except (IndexError, ValueError):
+            return None
+
     def load(self) -> dict[int, LaunchRecord]:
         """Every readable record, by service id; malformed ones are skipped (and removed)."""
         out: dict[int, LaunchRecord] = {}

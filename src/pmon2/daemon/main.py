@@ -8,6 +8,7 @@ import fcntl
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from pmon2.daemon.server import HttpServer, Limits
 from pmon2.daemon.store import Store, set_aside
 from pmon2.daemon.supervisor import Supervisor, iso
 from pmon2.errors import PmonError, StoreError
+from pmon2.render import words
 
 log = logging.getLogger("pmond")
 PR_SET_CHILD_SUBREAPER = 36
@@ -210,7 +212,8 @@ async def serve(config: Config, subreaper: bool, notifier: sdnotify.Notifier | N
     await server.start()
     log.info("pmond %s started, pid %d, %d services", __version__, os.getpid(), len(supervisor.services))
     notifier = notifier or sdnotify.Notifier()
-    notifier.notify("READY=1", f"STATUS={len(supervisor.services)} services")  # systemd: the socket listens
+    # systemd: the socket listens
+    notifier.notify("READY=1", f"STATUS={words.services_status(len(supervisor.services))}")
     notifier.start_watchdog(loop)  # WATCHDOG=1 from this loop, only when systemd asked for it
     await stop.wait()
     log.info("pmond stopping; services keep running")
@@ -264,6 +267,12 @@ def main(argv: list[str] | None = None) -> int:
     except PmonError as exc:
         print(f"pmond: {exc.message}", file=sys.stderr)
         logging.getLogger("pmond").error("%s", exc.message)
+        return 1
+    except sqlite3.Error as exc:  # a database that fails past its first checks: one line, never a traceback
+        message = (f"the database {config.paths.database} failed: {exc}; `pmon2 daemon recover` keeps it aside "
+                   "and rebuilds one from the running services")
+        print(f"pmond: {message}", file=sys.stderr)
+        logging.getLogger("pmond").error("%s", message)
         return 1
     except KeyboardInterrupt:
         return 0

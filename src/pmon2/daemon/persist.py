@@ -51,8 +51,9 @@ def _busy(exc: sqlite3.Error) -> bool:
 
 
 class Persist:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, on_commit: Callable[[int], None] = lambda count: None) -> None:
         self.store = store
+        self.on_commit = on_commit  # told the store's command count after each user command written
         self.down: str | None = None  # why the last write failed; None while the store works
         self.fields: dict[int, dict[str, Any]] = {}  # service id -> newest unsaved values
         self.events: collections.deque[tuple[tuple[Any, ...], dict[str, Any]]] = collections.deque(
@@ -86,15 +87,19 @@ class Persist:
 
     # a user's command: the store is the truth, or the command fails
 
-    async def commit(self, write: Callable[[], T], failure: str = "state not saved") -> T:
-        """Run `write` (a store call); retry while the database is locked, up to COMMIT_DEADLINE.
-        Raises NotSaved ("<failure>: <reason>")."""
+    async def commit(self, write: Callable[[], T], failure: str = "state not saved", *, read: bool = False) -> T:
+        """Run `write` (a store call) in a transaction that counts it (Store.committed; `read`: a plain
+        read); retry while the database is locked, up to COMMIT_DEADLINE. Raises NotSaved."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + COMMIT_DEADLINE
         wait = 0.005
         while True:
             try:
-                result = write()
+                if read:
+                    result = write()
+                else:
+                    result, count = self.store.committed(write)
+                    self.on_commit(count)
                 break
             except sqlite3.Error as exc:
                 if not _busy(exc) or loop.time() + wait > deadline:

@@ -1,8 +1,9 @@
 """HTTP/1.1 on a Unix socket, parsed by h11, with each peer known by SO_PEERCRED (unix(7)).
 
 Transport only: it turns requests into calls of the API handler, `handler(method, path, query, body,
-caller)`, and its answers into JSON responses. It also keeps broken or hostile clients from hurting
-pmond:
+caller)`, and its answers into JSON responses, or into a body sent as it is made (`Streamed`, for
+`logf`: one chunk per item, until the client goes away). It also keeps broken or hostile clients
+from hurting pmond:
 
 - Every malformed request is answered before the connection closes, with the status that RFC 9110 §15
   and RFC 9112 give it: 400 bad syntax, 408 too slow, 413 body too large, 431 head too large (RFC 6585
@@ -21,7 +22,7 @@ import math
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, fields
 from http import HTTPStatus
 from typing import Any
@@ -76,6 +77,21 @@ class Limits:
                 continue
             values[field.name] = value
         return cls(**values)
+
+
+class Streamed:
+    """A response body sent as it is made: a handler returns (status, Streamed(items)), and each bytes
+    item goes out as one chunk (Transfer-Encoding: chunked, RFC 9112 §7.1; h11 chunks a body that has
+    no Content-Length) as soon as it comes. The response ends when the iterator does, when the client
+    closes its end, or when pmond stops; the connection closes after it. The iterator is closed
+    (aclose) in every case, so it may hold files open. The idle timeout does not apply: it only limits
+    the wait for a request head."""
+
+    __slots__ = ("content_type", "items")
+
+    def __init__(self, items: AsyncGenerator[bytes, None], content_type: str = "application/x-ndjson") -> None:
+        self.items = items
+        self.content_type = content_type
 
 
 class _Reject(Exception):
@@ -300,6 +316,9 @@ class HttpServer:
             return False
         finally:
             self._release(me)
+        if isinstance(payload, Streamed):
+            await self._stream(conn, reader, me.writer, status, payload, head=request.method == b"HEAD")
+            return False
         await self._reply(conn, me.writer, status, payload, head=request.method == b"HEAD")
         return conn.our_state is h11.DONE and conn.their_state is h11.DONE
 
@@ -389,6 +408,10 @@ class HttpServer:
         except h11.LocalProtocolError:
             conn.send_failed()  # h11 cannot answer in its state: answer by hand, and the connection ends
             data = _raw_response(status, payload)
+        await self._send(writer, data)
+
+    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
+        """Write, and wait until the client takes it (at most send_timeout: then the connection is cut)."""
         writer.write(data)
         try:
             async with asyncio.timeout(self.limits.send_timeout):
@@ -396,6 +419,51 @@ class HttpServer:
         except TimeoutError:
             writer.transport.abort()
             raise ConnectionAbortedError("the client did not take its response") from None
+
+    async def _stream(self, conn: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                      status: int, stream: Streamed, head: bool = False) -> None:
+        """Send a Streamed response: one chunk per item, until the items end or the client closes its end
+        (noticed at once: what it sends meanwhile is read and dropped). The connection ends after it."""
+        items = stream.items
+        step: asyncio.Future[bytes] | None = None
+        gone: asyncio.Task[None] | None = None
+        try:
+            headers = [("content-type", stream.content_type), ("cache-control", "no-store"), ("connection", "close")]
+            await self._send(writer, conn.send(h11.Response(status_code=status, headers=headers,
+                                                            reason=_phrase(status))) or b"")
+            if head:
+                await self._send(writer, conn.send(h11.EndOfMessage()) or b"")
+                return
+            gone = asyncio.ensure_future(_until_eof(reader))
+            while True:
+                step = asyncio.ensure_future(anext(items))
+                await asyncio.wait((step, gone), return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():
+                    return  # the client went away
+                try:
+                    item = step.result()
+                except StopAsyncIteration:
+                    break
+                finally:
+                    step = None
+                if item:
+                    await self._send(writer, conn.send(h11.Data(data=item)) or b"")
+            await self._send(writer, conn.send(h11.EndOfMessage()) or b"")
+        finally:
+            for task in (step, gone):
+                if task is not None and not task.done():
+                    task.cancel()
+                    await asyncio.wait((task,))
+            await items.aclose()
+
+
+async def _until_eof(reader: asyncio.StreamReader) -> None:
+    """Read and drop what a client sends while a stream goes to it; return when it closes its end."""
+    try:
+        while await reader.read(READ_SIZE):
+            pass
+    except OSError:
+        pass
 
 
 def parse_body(raw: bytes | bytearray) -> dict[str, Any] | None:

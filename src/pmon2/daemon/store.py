@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from pmon2.errors import StoreError
+
+T = TypeVar("T")
 
 # Each entry brings the schema from version i to i + 1. Never edit a released entry: append.
 MIGRATIONS: list[str] = [
@@ -52,6 +55,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE events ADD COLUMN owner_uid INTEGER;
     CREATE INDEX events_by_owner ON events (owner_uid, id);
     """,
+    # `commits` counts the user commands written (Store.committed); pmond keeps the same count in its run
+    # dir, so a database that lost committed commands (a deleted -wal) is recognised at start-up.
+    """
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('commits', 0);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 # The ledger keeps this many of the newest events per service; older ones are pruned now and then.
@@ -83,6 +92,10 @@ class Store:
             self.db.execute("PRAGMA synchronous = NORMAL")
             self.db.execute("PRAGMA cache_size = -512")  # KiB: the data is small, RSS matters more
             self._migrate(version)
+            # Damage behind a sound first page shows only when the pages are read: look now, so that it is
+            # refused here as corrupt, not met later as a traceback (a few ms on pmond's small database).
+            if self.db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("database disk image is malformed")
             # From here on pmond's loop runs: never let SQLite's busy wait block it for long. A locked
             # database is retried asynchronously instead (persist.py).
             self.db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -131,11 +144,35 @@ class Store:
         assert cur.lastrowid is not None
         return cur.lastrowid
 
+    def committed(self, write: Callable[[], T]) -> tuple[T, int]:
+        """Run `write` and count it in `commits`, in one transaction: (its result, the new count)."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            result = write()
+            self.db.execute("UPDATE meta SET value = value + 1 WHERE key = 'commits'")
+            count = int(self.db.execute("SELECT value FROM meta WHERE key = 'commits'").fetchone()[0])
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+        return result, count
+
+    def commits(self) -> int:
+        row = self.db.execute("SELECT value FROM meta WHERE key = 'commits'").fetchone()
+        return int(row[0]) if row else 0
+
     def highest_service_id(self) -> int:
         """The highest service id ever handed out (AUTOINCREMENT's sqlite_sequence): a marked process
         with a higher id belongs to a service this database never saw, so it lost writes."""
         row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'services'").fetchone()
         return int(row[0]) if row else 0
+
+    def rename_service(self, service_id: int, name: str) -> None:
+        try:
+            self.db.execute("UPDATE services SET name = ? WHERE id = ?", (name, service_id))
+        except sqlite3.IntegrityError:
+            raise StoreError(f"name {name!r} is taken") from None
 
     def name_taken(self, name: str) -> bool:
         return self.db.execute("SELECT 1 FROM services WHERE name = ?", (name,)).fetchone() is not None

@@ -8,6 +8,7 @@ User operations on one service are serialised by its lock; automatic restarts ta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -29,6 +30,7 @@ from pmon2.daemon.policy import RestartPolicy, Status, Trigger, step
 from pmon2.daemon.rotate import RotationPolicy, Rotator
 from pmon2.daemon.store import Store
 from pmon2.errors import BadRequest, Conflict, NotFound, PmonError, SpawnError, StoreError
+from pmon2.render import words
 from pmon2.signals import parse_signal
 
 log = logging.getLogger("pmond")
@@ -86,7 +88,7 @@ class Supervisor:
         self.launcher = launcher  # None: pmond forks each intermediate itself
         self.instance_id = instance_id(config.paths.data_dir)
         self.launches = LaunchRecords(os.path.join(config.paths.run_dir, "launches"))
-        self.persist = Persist(store)
+        self.persist = Persist(store, on_commit=lambda count: self._note_commits(count))
         self._envs: dict[str, dict[str, str]] = {}  # one copy of each distinct environment
         self.config = config
         self.store = store
@@ -125,6 +127,51 @@ class Supervisor:
         hint = f"; did you mean {close[0]!r}?" if close else ""
         raise NotFound(f"no service {ref!r}{hint}")
 
+    def select(self, refs: list[str], caller: auth.Caller | None = None) -> list[Service]:
+        """The services that `refs` name, in id order, each once: ids, names, `all`, and shell-style globs
+        ('web-*', fnmatch rules). All or nothing: a ref that matches nothing raises NotFound naming it.
+        With `caller`, only the services it owns are seen."""
+        import fnmatch
+
+        visible = [s for s in self.services.values() if caller is None or caller.owns(s.uid)]
+        chosen: dict[int, Service] = {}
+        for ref in refs:
+            if ref == "all":
+                found = visible
+                if not found:
+                    raise NotFound("no services yet: start one with  pmon2 run ./bin/app --name app")
+            elif any(c in ref for c in "*?["):
+                found = [s for s in visible if fnmatch.fnmatchcase(s.name, ref)]
+                if not found:
+                    raise NotFound(f"no service matches {ref!r}")
+            else:
+                found = [self.find(ref, caller)]
+            chosen.update((s.id, s) for s in found)
+        return [chosen[k] for k in sorted(chosen)]
+
+    def _check_free(self, name: str, but: Service | None = None) -> None:
+        """Names are unique regardless of case (Api and api would be one log file on a case-folding disk,
+        and one service to a user)."""
+        folded = name.casefold()
+        clash = next((s for s in self.services.values() if s.name.casefold() == folded and s is not but), None)
+        if clash is not None:
+            raise Conflict(f"name {name!r} is taken by service {clash.id} ({clash.name}); choose another with --name")
+
+    async def rename(self, ref: str, new: str) -> Service:
+        """A new name (the way to fix a stored name that today's rules refuse, such as `all`). Its log
+        files keep their paths."""
+        svc = self.find(ref)
+        async with svc.lock:
+            self._check_free(new, but=svc)
+            old = svc.name
+            await self.persist.commit(lambda: self.store.rename_service(svc.id, new))
+            svc.name = new
+            if svc.alive and svc.pid is not None and svc.start_ticks is not None:
+                with contextlib.suppress(OSError):  # the record's name is what `daemon recover` would use
+                    self.launches.write(LaunchRecord(svc.id, svc.pid, svc.start_ticks, procfs.boot_id(), new))
+            self._event(svc, "rename", f"renamed from {old}", old=old)
+        return svc
+
     def by_name(self, name: str) -> Service | None:
         return next((s for s in self.services.values() if s.name == name), None)
 
@@ -145,12 +192,18 @@ class Supervisor:
             svc.desired = before
             raise
 
+    def _note_commits(self, count: int) -> None:
+        try:
+            self.launches.write_commits(count, procfs.boot_id())
+        except OSError as exc:
+            log.warning("cannot note the command count in the run dir: %s", exc.strerror)
+
     def _event(self, svc: Service | None, kind: str, message: str, name: str | None = None,
-               owner_uid: int | None = None, **data: Any) -> int | None:
+               owner_uid: int | None = None, service_id: int | None = None, **data: Any) -> int | None:
         """Log and record an event; the caller of the API request being served (if any) is recorded."""
         log.info("%s: %s", svc.name if svc else name, message)
         caller = auth.CALLER.get()
-        return self.persist.event(svc.id if svc else None, svc.name if svc else (name or "?"), kind, message,
+        return self.persist.event(svc.id if svc else service_id, svc.name if svc else (name or "?"), kind, message,
                                   data or None, time.time(), caller_uid=caller.uid if caller else None,
                                   owner_uid=svc.uid if svc else owner_uid)
 
@@ -182,19 +235,38 @@ class Supervisor:
         known = {row["id"] for row in rows}
         highest = self.store.highest_service_id()
         lost = {sid: pids for sid, pids in marked.items() if sid not in known and sid > highest}
+        # Launched, so once in the database, but unknown to it and with no process left: rolled back too.
+        vanished = {sid: r for sid, r in records.items() if sid not in known and sid > highest and sid not in lost}
+        mark = self.launches.read_commits()
+        forgotten = mark[1] - self.store.commits() if mark is not None and mark[0] == boot else 0
         restored: list[dict[str, Any]] = []
-        if lost and not rebuild:
-            listing = ", ".join(f"{sid} (pid {', '.join(map(str, sorted(pids)))})"
-                                for sid, pids in sorted(lost.items()))
-            raise StoreError(f"the database {self.store.path} does not know services that are still running: "
-                             f"{listing}. It was emptied or rolled back; run `pmon2 daemon recover` to rebuild "
-                             "it from the running processes")
+        if (lost or vanished or forgotten > 0) and not rebuild:
+            found = []
+            if lost:
+                found.append("services that are still running: " + ", ".join(
+                    f"{sid} (pid {', '.join(map(str, sorted(pids)))})" for sid, pids in sorted(lost.items())))
+            if vanished:
+                found.append("services it had launched: " + ", ".join(
+                    f"{sid} ({r.name})" for sid, r in sorted(vanished.items())))
+            if forgotten > 0:
+                found.append(f"its last {forgotten} command{'s' if forgotten != 1 else ''} (stop, delete, ...)")
+            raise StoreError(f"the database {self.store.path} lost {'; and '.join(found)}. It was emptied or "
+                             "rolled back; run `pmon2 daemon recover` to rebuild it from the running processes")
         if lost:
             restored = self._rebuild(lost, records, boot)
             rows = self.store.load_services()
             known = {row["id"] for row in rows}
+        if rebuild:
+            restored += [{"id": sid, "name": r.name, "pid": None, "restored": False,
+                          "why": "lost from the database and not running: nothing to rebuild it from"}
+                         for sid, r in sorted(vanished.items())]
+            if forgotten > 0:
+                restored.append({"id": None, "name": None, "pid": None, "restored": False,
+                                 "why": f"the database lost its last {forgotten} command(s): check that stopped "
+                                        "and deleted services are as you left them"})
+            self._note_commits(self.store.commits())
         for sid, pids in marked.items():
-            if sid not in known:
+            if sid not in known and sid <= highest:
                 self._stop_orphans(sid, pids, records.get(sid))
         for sid in set(records) - known:
             self.launches.remove(sid)
@@ -231,7 +303,8 @@ class Supervisor:
             self.store.insert_recovered(sid, name, spec, pid=facts.pid, start_ticks=facts.start_ticks,
                                         boot_id=boot, started_at=procfs.start_wall_time(facts.start_ticks))
             self._event(None, "recover", f"rebuilt from process {facts.pid}; not restored: "
-                        f"{', '.join(facts.missing)}", name=name, owner_uid=auth.uid_of_user(facts.user))
+                        f"{', '.join(facts.missing)}", name=name, owner_uid=auth.uid_of_user(facts.user),
+                        service_id=sid)
             restored.append({"id": sid, "name": name, "pid": facts.pid, "restored": True,
                              "not_restored": facts.missing})
         return restored
@@ -274,11 +347,12 @@ class Supervisor:
             return
         rebooted = svc.boot_id is not None and svc.boot_id != boot
         was_up = svc.status in (Status.RUNNING, Status.STOPPING)
+        if svc.last_exit is not None and svc.last_exit.get("source") == "pending":
+            svc.last_exit["source"] = "unknown"  # pmond died before the status came: nobody will tell it now
         if was_up:
-            why = "the machine rebooted" if rebooted else "it ended while pmond was down"
             svc.last_exit = {"code": None, "signal": None, "at": None, "runtime_s": None,
                              "source": "unknown", "while_down": True}
-            self._event(svc, "exit", f"process {svc.pid} is gone: {why}; exit status unknown",
+            self._event(svc, "exit", words.gone_message(svc.pid, rebooted),
                         pid=svc.pid, while_down=True, rebooted=rebooted)
         svc.pid = None
         svc.started_at = None
@@ -327,9 +401,7 @@ class Supervisor:
                 name = model.check_name(os.path.basename(argv[0]))
             except ValueError as exc:
                 raise BadRequest(f"name: {exc}; set one with --name") from None
-        clash = self.by_name(name)
-        if clash is not None:
-            raise Conflict(f"name {name!r} is taken by service {clash.id}; choose another with --name")
+        self._check_free(name)
         user = req.get("user")
         if user is not None:
             check_user(user)
@@ -471,14 +543,14 @@ class Supervisor:
         ev = self._exit_event(svc, pid, runtime)
         self._save(svc, "status", "pid", "started_at", "last_exit", "fast_exits", "retry_at")
         if retry_in is not None and retry_in > 0:
-            self._event(svc, "backoff", f"died {svc.fast_exits} times in a row within "
-                        f"{svc.policy.min_uptime:g} s: next start in {retry_in:g} s", delay_s=retry_in,
+            self._event(svc, "backoff", words.backoff_message(svc.fast_exits, svc.policy.min_uptime, retry_in),
+                        delay_s=retry_in,
                         fast_exits=svc.fast_exits)
             self._schedule_retry(svc, retry_in)
         return ev, runtime
 
     def _exit_event(self, svc: Service, pid: int, runtime: float | None) -> int | None:
-        return self._event(svc, "exit", f"process {pid} exited after {fmt_runtime(runtime)}, status pending",
+        return self._event(svc, "exit", words.exit_message(pid, {"source": "pending", "runtime_s": runtime}),
                            pid=pid, runtime_s=svc.last_exit["runtime_s"] if svc.last_exit else None)
 
     def _on_status(self, svc: Service, pid: int, status: watch.ExitStatus, event_id: int | None,
@@ -488,7 +560,7 @@ class Supervisor:
         if event_id is not None:
             try:
                 self.store.complete_event(
-                    event_id, f"process {pid} exited after {fmt_runtime(runtime)}: {status.describe()}", info)
+                    event_id, words.exit_message(pid, info | {"runtime_s": runtime}), info)
             except sqlite3.Error as exc:
                 log.error("%s: cannot record an exit status: %s", svc.name, exc)
         # The status of an older run arrives late, after a restart: it must not overwrite a newer exit.
@@ -706,7 +778,7 @@ class Supervisor:
                 self._event(svc, "flush", "logs emptied", files=done)
             emptied += done
         if errors:
-            more = f" ({len(emptied)} other log file{'s' if len(emptied) != 1 else ''} emptied)" if emptied else ""
+            more = f" ({words.other_files_emptied(len(emptied))})" if emptied else ""
             raise PmonError(errors[0] + more)
         return emptied
 
@@ -773,14 +845,8 @@ class Supervisor:
 def public_exit(last_exit: dict[str, Any] | None) -> dict[str, Any] | None:
     if last_exit is None:
         return None
-    return {k: last_exit.get(k) for k in ("code", "signal", "at", "core", "runtime_s", "source")
+    return {k: last_exit.get(k) for k in ("code", "signal", "at", "core", "runtime_s", "source", "while_down")
             if k in last_exit or k in ("code", "signal", "at")}
-
-
-def fmt_runtime(runtime: float | None) -> str:
-    if runtime is None:
-        return "an unknown time"
-    return f"{runtime * 1000:.0f} ms" if runtime < 1 else f"{runtime:.1f} s"
 
 
 def resolve_executable(cmd: str, cwd: str, path_var: str) -> str:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import shlex
 
 from pmon2.render.table import STATUS_STYLE, status_text
-from pmon2.render.text import human_bytes, human_duration, human_runtime, paint
+from pmon2.render.text import human_bytes, human_duration, paint
+from pmon2.render.words import exit_phrase, variables
 
 # Not `typing`: importing it costs the CLI a few ms, and annotations are strings here anyway.
 TYPE_CHECKING = False
@@ -14,19 +15,10 @@ if TYPE_CHECKING:
 
 
 def describe_exit(last_exit: dict[str, Any] | None) -> str:
+    """A `last_exit` or an item of `recent_exits`, in the words `pmon2 why` uses (pmon2.render.words)."""
     if not last_exit:
         return "-"
-    if last_exit.get("code") is not None:
-        what = f"code {last_exit['code']}"
-    elif last_exit.get("signal"):
-        what = f"signal {last_exit['signal']}" + (" (core dumped)" if last_exit.get("core") else "")
-    elif last_exit.get("source") == "pending":
-        what = "status pending (waiting for init to reap it)"
-    else:
-        what = "status unknown"
-    runtime = last_exit.get("runtime_s")
-    after = f" after {human_runtime(runtime)}" if runtime is not None else ""
-    return f"{what}{after}, at {last_exit.get('at') or 'an unknown time'}"
+    return f"{exit_phrase(last_exit)}, at {last_exit.get('at') or 'an unknown time'}"
 
 
 def env_lines(env: dict[str, str]) -> list[str]:
@@ -65,7 +57,7 @@ def render_detail(svc: dict[str, Any], color: bool) -> str:
     rows += [("stdout log", svc["out_log"]), ("stderr log", svc["err_log"])]
     env = env_lines(svc.get("env") or {})
     masked = " (secrets masked; desc --show-env shows them)" if svc.get("env_masked") else ""
-    rows.append(("env", f"{len(env)} variables{masked}" if env else "-"))
+    rows.append(("env", f"{variables(len(env))}{masked}" if env else "-"))
     key_w = max(len(k) for k, _ in rows)
     title = paint(f"{svc['name']}", "bold", color)
     lines = [title] + [f"  {paint(k.ljust(key_w), 'cyan', color)}  {v}" for k, v in rows]

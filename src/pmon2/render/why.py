@@ -6,7 +6,8 @@ import time
 from typing import Any
 
 from pmon2.render.logs import tail_lines
-from pmon2.render.text import human_duration, human_runtime, paint
+from pmon2.render.text import human_duration, paint
+from pmon2.render.words import exit_phrase, exit_status, failures_in_a_row, restarted
 
 
 def local_time(ts: float) -> str:
@@ -19,7 +20,8 @@ def render_events(events: list[dict[str, Any]], color: bool) -> str:
     name_w = max(len(e["service"]) for e in events)
     kind_w = max(len(e["kind"]) for e in events)
     styles = {"exit": "red", "start_failed": "red", "kill": "red", "backoff": "magenta", "start": "green",
-              "restart": "green", "adopt": "cyan", "stop": "yellow", "reload": "blue", "delete": "yellow"}
+              "restart": "green", "adopt": "cyan", "stop": "yellow", "reload": "blue", "delete": "yellow",
+              "recover": "cyan", "leftovers": "yellow"}
     lines = []
     for e in events:
         when = paint(local_time(e["at"]), "grey", color)
@@ -28,17 +30,11 @@ def render_events(events: list[dict[str, Any]], color: bool) -> str:
     return "\n".join(lines)
 
 
-def exit_phrase(data: dict[str, Any]) -> str:
-    if data.get("code") is not None:
-        what = f"code {data['code']}"
-    elif data.get("signal"):
-        what = f"signal {data['signal']}"
-    elif data.get("while_down"):
-        what = "while pmond was down (status unknown)"
-    else:
-        what = "status unknown"
-    runtime = data.get("runtime_s")
-    return what + (f" after {human_runtime(runtime)}" if isinstance(runtime, int | float) else "")
+def streak(events: list[dict[str, Any]], fast: int) -> list[str]:
+    """The kinds of the last `fast` failures (`exit` and `start_failed` events) the ledger holds: the
+    failures in a row that put a service in backoff (a run that lasts, a stop or a start resets them)."""
+    kinds = [e["kind"] for e in events if e["kind"] in ("exit", "start_failed")]
+    return kinds[-fast:] if fast > 0 else []
 
 
 def explain(svc: dict[str, Any], events: list[dict[str, Any]], err_lines: int = 5) -> str:
@@ -50,18 +46,29 @@ def explain(svc: dict[str, Any], events: list[dict[str, Any]], err_lines: int = 
     if status == "running":
         up = human_duration(svc.get("uptime_s"))
         if svc["restarts"]:
-            parts.append(f"{name} is running (pid {svc['pid']}, up {up}). It has restarted {svc['restarts']} "
-                         f"time{'s' if svc['restarts'] != 1 else ''}; recent exits: {recent or 'none recorded'}.")
+            parts.append(f"{name} is running (pid {svc['pid']}, up {up}). It has {restarted(svc['restarts'])}; "
+                         f"recent exits: {recent or 'none recorded'}.")
         else:
             parts.append(f"{name} is running (pid {svc['pid']}, up {up}) and has not restarted.")
     elif status == "backoff":
         fast = svc.get("fast_exits") or 0
         wait = svc.get("retry_in_s")
-        parts.append(
-            f"{name} keeps dying: {fast} exit{'s' if fast != 1 else ''} in a row within "
-            f"{svc.get('min_uptime', 1):g} s of starting (recent: {recent or 'no exit recorded'}). "
-            f"pmon2 starts it again in {wait:.1f} s; the delay doubles up to 15 s and resets once it "
-            "stays up." if wait is not None else f"{name} is about to be started again.")
+        kinds = streak(events, fast)
+        when = f"in {wait:.1f} s" if wait is not None else "at once"
+        if fast == 0:
+            parts.append(f"{name} is about to be started again ({when}).")
+        else:
+            within = f"within {svc.get('min_uptime', 1):g} s of starting"
+            if kinds == ["start_failed"]:
+                parts.append(f"{name} failed to start.")
+            elif kinds == ["exit"]:
+                parts.append(f"{name} exited {within} ({exit_phrase(exits[-1].get('data') or {})}).")
+            elif "exit" in kinds or len(kinds) < fast:
+                parts.append(f"{name} keeps dying: {failures_in_a_row(fast, kinds)}, each exit {within} "
+                             f"(recent exits: {recent or 'none recorded'}).")
+            else:
+                parts.append(f"{name} keeps failing to start: {failures_in_a_row(fast, kinds)}.")
+            parts.append(f"pmon2 starts it again {when}; the delay doubles up to 15 s and resets once it stays up.")
         if svc.get("last_error"):
             parts.append(f"The last start failed: {svc['last_error']}.")
     elif status == "stopped":
@@ -71,13 +78,12 @@ def explain(svc: dict[str, Any], events: list[dict[str, Any]], err_lines: int = 
     elif status == "stopping":
         parts.append(f"{name} is stopping: the stop signal was sent and pmon2 waits for it to exit.")
     elif status == "exited":
-        parts.append(f"{name} exited ({recent.split(', ')[-1] if recent else 'status unknown'}) and is not "
+        last = (exits[-1].get("data") or {}) if exits else svc.get("last_exit")
+        parts.append(f"{name} exited ({exit_phrase(last) if last else exit_status({'source': 'unknown'})}) and is not "
                      f"started again because autorestart is off. Start it with: pmon2 start {name}")
     elif status == "errored":
         parts.append(f"{name} could not start: {svc.get('last_error') or 'unknown error'}. "
                      f"Fix it, then: pmon2 start {name}")
-    if exits and status != "running" and not recent:
-        parts.append("Its last exit status is unknown.")
     tail = tail_lines(svc["err_log"], err_lines)
     text = " ".join(parts)
     if tail:
