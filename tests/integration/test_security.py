@@ -183,3 +183,22 @@ def test_a_missing_log_dir_is_made_with_the_services_rights(pmon: Any) -> None:
                    "--name", "notmade", check=False)
     assert bad.returncode != 0 and "Permission denied" in bad.stderr
     assert not (root_only / "logs").exists()
+
+
+@needs_root
+def test_a_non_root_caller_cannot_take_over_another_services_log_in_pmonds_dir(pmon: Any) -> None:
+    (pmon.home / "config.toml").write_text('allow_users = ["nobody"]\n')
+    root_svc = pmon.start_service("sleep", "737382", "--name", "rootlog", "--json")
+    for d in (pmon.home, pmon.home / "run"):
+        os.chmod(d, 0o711)
+    before = os.stat(root_svc["out_log"])
+    code, err = _request_as(NOBODY, str(pmon.socket), "POST", "/v1/services",
+                            {"argv": ["/bin/sleep", "737383"], "cwd": "/tmp", "name": "thief",
+                             "log": root_svc["out_log"]})
+    assert code == 403 and "own" in err["error"]["message"], err
+    after = os.stat(root_svc["out_log"])
+    assert (after.st_uid, after.st_ino) == (before.st_uid, before.st_ino)
+    # Its own default names in that dir are fine.
+    code, mine = _request_as(NOBODY, str(pmon.socket), "POST", "/v1/services",
+                             {"argv": ["/bin/sleep", "737384"], "cwd": "/tmp", "name": "honest"})
+    assert code == 201 and os.stat(mine["out_log"]).st_uid == NOBODY

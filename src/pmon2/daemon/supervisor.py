@@ -411,6 +411,7 @@ class Supervisor:
         else:
             out_log = os.path.normpath(os.path.join(log_dir, f"{name}-out.log"))
             err_log = os.path.normpath(os.path.join(log_dir, f"{name}-err.log"))
+        self._check_log_paths(name, out_log, err_log)
         rotation = {k: req[k] for k in ("log_max_size", "log_keep", "log_compress") if req.get(k) is not None}
         spec = {
             "argv": list(argv), "exe": exe, "cwd": cwd, "env": env, "user": user,
@@ -422,6 +423,20 @@ class Supervisor:
             **rotation,
         }
         return name, spec
+
+    def _check_log_paths(self, name: str, out_log: str, err_log: str) -> None:
+        """pmond's own log dir is root's: there the intermediate creates and re-owns logs as root. A caller
+        other than root may use it only for its service's own NAME-out.log / NAME-err.log, never to take
+        over another service's file (docs/security.md)."""
+        caller = auth.CALLER.get()
+        if caller is None or caller.privileged:
+            return
+        own_dir = os.path.normpath(self.config.paths.log_dir)
+        own = {os.path.join(own_dir, f"{name}-out.log"), os.path.join(own_dir, f"{name}-err.log")}
+        for path in {out_log, err_log}:
+            if os.path.dirname(path) == own_dir and path not in own:
+                raise auth.Forbidden(f"log: in pmond's log dir {own_dir}, a service may only use its own "
+                                     f"{name}-out.log and {name}-err.log")
 
     async def create(self, req: dict[str, Any]) -> Service:
         name, spec = self.build_spec(req)
