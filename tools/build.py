@@ -1,13 +1,21 @@
 #!/usr/bin/env python3
-"""Build pmon2's deliverables: a one-file zipapp, a .deb and an .rpm, offline.
+"""Build pmon2's deliverables: a one-file zipapp, a .deb and an .rpm.
 
-    python tools/build.py pyz [deb] [rpm] [--out DIR]
+    python3 tools/build.py pyz [deb] [rpm] [--out DIR] [--work DIR]
 
-pmon2 itself comes from this repository (src/pmon2); its dependencies are copied from the distributions
-installed in the running environment (the closure of pyproject's `dependencies`, resolved with
-importlib.metadata; requirement markers are read with `packaging`, or pip's vendored copy of it), so
-the build needs no network. All of them must be pure Python: the .pyz runs on any Linux with
-python3 >= 3.11 and the packages are `Architecture: all` / `noarch`.
+It needs only python3 >= 3.11 with its venv module (Debian/Ubuntu: python3-venv), plus dpkg-deb for the .deb
+and rpmbuild for the .rpm. pmon2 itself comes from this checkout (src/pmon2). Its dependencies are fetched
+by the build itself, into a private build environment: `python3 -m venv .build/venv`, then that venv's pip
+installs pyproject's `dependencies` (wheels only). The system Python is never touched. The venv is made once
+and reused while the interpreter and the dependency list stay the same, so later builds need no network;
+pip's own settings apply (PIP_INDEX_URL, PIP_FIND_LINKS, PIP_NO_INDEX, pip.conf) for a mirror or an offline
+wheel directory. The script then runs again inside that venv, copies the closure of the dependencies
+(resolved with importlib.metadata; requirement markers read with pip's vendored `packaging`) and checks that
+all of it is pure Python: the .pyz runs on any Linux with python3 >= 3.11 and the packages are
+`Architecture: all` / `noarch`.
+
+Scratch files go to .build/ (.build/venv, .build/stage), never to build/, which is setuptools' own: staging
+there made a later `pip install .` fail on the staged dist-info.
 
 Everything is compiled once, to unchecked-hash .pyc files (no mtimes involved: a zip's DOS timestamps
 are local time and dpkg/rpm may clamp mtimes, either of which would make timestamp .pyc files stale):
@@ -21,6 +29,7 @@ import argparse
 import compileall
 import importlib.metadata as md
 import importlib.util
+import json
 import os
 import py_compile
 import re
@@ -34,6 +43,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGING = ROOT / "packaging"
+WORK = ROOT / ".build"  # scratch: venv/ (the build environment) and stage/; never build/, which is setuptools'
+ENV_STAMP = "pmon2-build.json"  # in the venv: what it was made for
 LIB = "/usr/lib/pmon2"
 SKIP_DIRS = {"__pycache__"}
 SKIP_SUFFIXES = (".pyc", ".pyo")
@@ -118,9 +129,11 @@ def closure(requirements: list[str]) -> list[md.Distribution]:
         try:
             dist = md.distribution(req.name)
         except md.PackageNotFoundError:
-            raise BuildError(f"{req.name} is not installed in {sys.prefix}: pip install '{req}'") from None
+            raise BuildError(f"{req.name} is not installed in the build environment {sys.prefix}; delete that "
+                             "directory and build again to fetch the dependencies afresh") from None
         if req.specifier and not req.specifier.contains(dist.version, prereleases=True):
-            raise BuildError(f"{req.name} {dist.version} is installed but pmon2 needs {req}")
+            raise BuildError(f"{req.name} {dist.version} is installed in {sys.prefix} but pmon2 needs {req}; delete "
+                             "that directory and build again")
         found[name] = dist
         for text in dist.requires or []:
             sub = requirement(text)
@@ -314,8 +327,7 @@ def tree_size_kib(root: Path) -> int:
 
 
 def build_deb(lib: Path, work: Path, out_dir: Path, version: str) -> Path:
-    if not shutil.which("dpkg-deb"):
-        raise BuildError("dpkg-deb not found (apt-get install dpkg)")
+    check_tools(["deb"])
     root = work / "deb"
     stage_root(lib, root, "/lib/systemd/system", "/usr/share/zsh/vendor-completions")
     debian = root / "DEBIAN"
@@ -334,8 +346,7 @@ def build_deb(lib: Path, work: Path, out_dir: Path, version: str) -> Path:
 
 
 def build_rpm(lib: Path, work: Path, out_dir: Path, version: str) -> Path:
-    if not shutil.which("rpmbuild"):
-        raise BuildError("rpmbuild not found (Debian/Ubuntu: apt-get install rpm; Fedora: dnf install rpm-build)")
+    check_tools(["rpm"])
     root = work / "rpmroot"
     stage_root(lib, root, "/usr/lib/systemd/system", "/usr/share/zsh/site-functions")
     top = work / "rpmbuild"
@@ -364,24 +375,103 @@ def run(cmd: list[str]) -> None:
         raise BuildError(f"{cmd[0]} failed ({proc.returncode}):\n{proc.stdout}{proc.stderr}")
 
 
+TOOLS = {"deb": ("dpkg-deb", "Debian/Ubuntu: apt-get install dpkg"),
+         "rpm": ("rpmbuild", "Debian/Ubuntu: apt-get install rpm; Fedora: dnf install rpm-build")}
+
+
+def check_tools(targets: list[str]) -> None:
+    for target in targets:
+        tool, hint = TOOLS.get(target, ("", ""))
+        if tool and not shutil.which(tool):
+            raise BuildError(f"{tool} not found, needed for the .{target} ({hint})")
+
+
+# the build environment
+
+
+def in_build_env(venv: Path) -> bool:
+    return sys.prefix != sys.base_prefix and Path(sys.prefix).resolve() == venv.resolve()
+
+
+def python_env() -> dict[str, str]:
+    """This environment without what would make another interpreter import from elsewhere."""
+    drop = {"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONUSERBASE", "VIRTUAL_ENV", "__PYVENV_LAUNCHER__"}
+    return {k: v for k, v in os.environ.items() if k not in drop}
+
+
+def ensure_build_env(venv: Path, deps: list[str]) -> Path:
+    """The private venv holding pyproject's dependencies: made by this interpreter and filled by its own pip
+    when it is missing, unfinished, or was made for another interpreter or another dependency list."""
+    python = venv / "bin/python"
+    stamp = {"python": sys.executable, "version": sys.version, "dependencies": deps}
+    try:
+        if python.exists() and json.loads((venv / ENV_STAMP).read_text()) == stamp:
+            return python
+    except (OSError, ValueError):
+        pass
+    if venv.exists():
+        log(f"{venv} is unfinished or was made for another python or other dependencies: making it again")
+        shutil.rmtree(venv)
+    log(f"making the build environment: {sys.executable} -m venv {venv}")
+    proc = subprocess.run([sys.executable, "-m", "venv", str(venv)], capture_output=True, text=True, env=python_env())
+    if proc.returncode != 0:
+        shutil.rmtree(venv, ignore_errors=True)
+        raise BuildError(f"{sys.executable} -m venv failed (Debian/Ubuntu: apt-get install python3-venv):\n"
+                         f"{(proc.stdout + proc.stderr).strip()}")
+    log(f"fetching {', '.join(deps)} and their dependencies into it (pip, wheels only)")
+    pip = [str(python), "-I", "-m", "pip", "install", "--disable-pip-version-check", "--no-input", "--quiet",
+           "--only-binary", ":all:", *deps]
+    if subprocess.run(pip, stdout=sys.stderr, env=python_env()).returncode != 0:
+        raise BuildError(f"pip could not install {' '.join(deps)} into {venv}. It needs a package index: PyPI, or "
+                         "one set with pip's own settings (PIP_INDEX_URL, or PIP_NO_INDEX=1 PIP_FIND_LINKS=DIR)")
+    (venv / ENV_STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
+    return python
+
+
+def forget_old_staging() -> None:
+    """Older versions of this script staged in build/lib, setuptools' own directory, where the staged
+    pmon2-X.dist-info made every later `pip install .` fail ("File exists"), and each failed wheel build left
+    build/bdist.*/wheel/pmon2-X.dist-info behind, which fails the next one the same way. build/ is setuptools'
+    scratch, which it makes again: remove it when it holds either."""
+    old = ROOT / "build"
+    if any(old.glob("lib/pmon2-*.dist-info")) or any(old.glob("bdist.*/wheel/pmon2-*.dist-info")):
+        log(f"removing {old}: it holds a staging by an older tools/build.py or what a `pip install .` that "
+            "failed on it left, either of which breaks `pip install .`")
+        shutil.rmtree(old)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog="build.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("targets", nargs="+", choices=("pyz", "deb", "rpm"))
     parser.add_argument("--out", default=str(ROOT / "dist"), help="where the results go (default: dist/)")
-    parser.add_argument("--work", default=str(ROOT / "build"), help="scratch directory (default: build/)")
+    parser.add_argument("--work", default=str(WORK),
+                        help="scratch directory: venv/ (the build environment) and stage/ (default: .build/)")
     args = parser.parse_args(argv)
     out, work = Path(args.out).resolve(), Path(args.work).resolve()
+    targets = list(dict.fromkeys(args.targets))
+    venv = work / "venv"
     try:
-        lib = work / "lib"
-        version, _ = stage_lib(lib)
+        version, deps = project()
+        if not in_build_env(venv):
+            check_tools(targets)
+            forget_old_staging()
+            python = ensure_build_env(venv, deps)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # -I: nothing from PYTHONPATH, the user's site or tools/ is importable, only the venv's packages.
+            return subprocess.call([str(python), "-I", str(Path(__file__).resolve()), *argv], env=python_env())
+        stage = work / "stage"
+        lib = stage / "lib"
+        stage_lib(lib)
         compile_lib(lib, "pmon2.pyz")
-        for target in dict.fromkeys(args.targets):
+        for target in targets:
             if target == "pyz":
-                build_pyz(lib, work, out / "pmon2.pyz")
+                build_pyz(lib, stage, out / "pmon2.pyz")
             elif target == "deb":
-                build_deb(lib, work, out, version)
+                build_deb(lib, stage, out, version)
             else:
-                build_rpm(lib, work, out, version)
+                build_rpm(lib, stage, out, version)
     except BuildError as exc:
         print(f"build: {exc}", file=sys.stderr)
         return 1

@@ -895,12 +895,13 @@ def check_user(user: str) -> None:
 
 def instance_id(data_dir: str) -> str:
     """Tells this pmond apart from the pmonds of other users and other PMON2_HOMEs on the machine: a
-    hash of pmond's uid and its data dir. Each service carries PMON2_SERVICE=<instance id>:<service
-    id>, so its processes can be told apart even when the database is lost."""
-    import hashlib
-
-    key = f"{os.geteuid()}:{os.path.realpath(data_dir)}".encode()
-    return hashlib.sha256(key).hexdigest()[:16]
+    64-bit FNV-1a hash of pmond's uid and its data dir, in hex. Each service carries
+    PMON2_SERVICE=<instance id>:<service id>, so its processes can be told apart even when the database
+    is lost. (Not hashlib: its OpenSSL costs pmond 3.4 MB of resident memory.)"""
+    value = 0xCBF29CE484222325
+    for byte in f"{os.geteuid()}:{os.path.realpath(data_dir)}".encode():
+        value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return f"{value:016x}"
 
 
 @functools.cache
