@@ -45,6 +45,9 @@ EXAMPLES = {
     "startup": "pmon2 startup            # root: system unit; others: systemctl --user unit\n"
                "  pmon2 startup --print    # only show the unit",
     "unstartup": "pmon2 unstartup",
+    "import": "pmon2 import pmon2-go --dry-run    # what would happen, changing nothing\n"
+              "  pmon2 import pmon2-go --stop-old   # stop the Go pmond (not its services), take them over\n"
+              "  pmon2 import pmon2-go /etc/pmon2/data/db/data.db --json",
 }
 
 # Flags of `run`: name -> (destination, takes a value). Long ones are recognised anywhere on the
@@ -57,8 +60,18 @@ RUN_FLAGS: dict[str, tuple[str, bool]] = {
     "--log-max-size": ("log_max_size", True), "--log-keep": ("log_keep", True),
     "--log-compress": ("log_compress", False), "--json": ("json", False),
     "--env": ("env", True), "--env-clear": ("env_clear", False), "--cwd": ("cwd", True),
+    "--group": ("group", True), "--restart": ("restart", True), "--max-restarts": ("max_restarts", True),
+    "--reload-signal": ("reload_signal", True), "--instances": ("instances", True), "--port": ("port", True),
+    "--tag": ("tags", True), "--ready": ("ready", True), "--no-autostart": ("no_autostart", False),
 }
-REPEATABLE = {"env"}
+REPEATABLE = {"env", "tags"}
+# Flags added since `run` took long flags anywhere: only before the command, since services commonly take
+# --port, --env or --group of their own.
+BEFORE_ONLY = {"--env", "--env-clear", "--env-file", "--cwd", "--group", "--restart", "--max-restarts",
+               "--reload-signal", "--instances", "--port", "--tag", "--ready", "--no-autostart"}
+# run flags whose text goes through the spec model as it is (spec.Field.from_text)
+RUN_FIELDS = ("name", "user", "group", "log", "log_dir", "min_uptime", "kill_timeout", "stop_signal", "log_max_size",
+              "log_keep", "restart", "max_restarts", "reload_signal", "instances", "port", "ready")
 RUN_SHORT = {"-n": "--name", "-a": "--args", "-u": "--user", "-l": "--log", "-d": "--log_dir"}
 
 
@@ -114,7 +127,7 @@ def split_run_args(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
         if not argv and tok in RUN_SHORT:
             tok = RUN_SHORT[tok]
         flag, eq, inline = tok.partition("=")
-        if flag in RUN_FLAGS and (tok.startswith("--") or not argv):
+        if flag in RUN_FLAGS and (not argv or (tok.startswith("--") and flag not in BEFORE_ONLY)):
             dest, takes_value = RUN_FLAGS[flag]
             if not takes_value:
                 if eq:
@@ -186,19 +199,26 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UsageError(f"--env {item!r}: use KEY=VALUE")
         env[key] = value
     cwd = os.path.abspath(opts["cwd"]) if opts.get("cwd") else os.getcwd()  # relative: to the caller's cwd
-    body: dict[str, Any] = {"argv": argv, "cwd": cwd, "env": env,
-                            "autorestart": not opts.get("no_autorestart", False)}
+    body: dict[str, Any] = {"argv": argv, "cwd": cwd, "env": env}
+    if opts.get("no_autorestart"):
+        body["restart"] = "no"
+    if opts.get("no_autostart"):
+        body["autostart"] = False
     if opts.get("log_compress"):
         body["log_compress"] = True
-    for key in ("name", "user", "log", "log_dir", "min_uptime", "kill_timeout", "stop_signal", "log_max_size",
-                "log_keep"):
+    for key in RUN_FIELDS:
         if key in opts:
             body[key] = spec.SERVICE[key].from_text(opts[key])
+    if "tags" in opts:
+        body["tags"] = spec.SERVICE["tags"].validate(opts["tags"])
     svc = _client().request("POST", "/v1/services", body)
     if opts.get("json"):
         _print_json(svc)
+    elif svc["pid"] is None:
+        _say(f"created {svc['name']} (id {svc['id']}), not started: pmon2 start {svc['name']}")
     else:
-        _say(f"started {svc['name']} (id {svc['id']}, pid {svc['pid']})")
+        _say(f"started {svc['name']} (id {svc['id']}, pid {svc['pid']})"
+             + (f" and {len(svc['instance_ids']) - 1} more instances" if len(svc.get("instance_ids", [])) > 1 else ""))
     return 0
 
 
@@ -468,6 +488,12 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from pmon2.importers import pmon2_go
+
+    return pmon2_go.run(args, _client, _say, lambda text: sys.stderr.write(text + "\n"), _print_json)
+
+
 def cmd_startup(args: argparse.Namespace) -> int:
     from pmon2 import startup
 
@@ -527,7 +553,7 @@ def _asks_help(tokens: list[str]) -> bool:
 COMMAND_NAMES = frozenset({
     "run", "exec", "ls", "list", "desc", "show", "start", "restart", "stop", "reload", "del", "delete", "log",
     "logf", "flush", "monit", "dash", "completion", "events", "why", "version", "daemon", "_names", "rename",
-    "startup", "unstartup",
+    "startup", "unstartup", "import",
 })
 
 
@@ -601,7 +627,7 @@ def build_parser(only: str | None = None) -> Parser:
     p.add_argument("-f", "--force", action="store_true", help="SIGKILL at once (cuts a graceful stop short)")
     p = command("reload", cmd_reload, "send a signal (default USR2) to services without restarting them")
     p.add_argument("service", nargs="+", help="ids, names, globs such as 'web-*', or all")
-    p.add_argument("--sig", "-s", default="USR2", help="signal: HUP, USR1, USR2 or any name or number")
+    p.add_argument("--sig", "-s", help="signal: HUP, USR1, any name or number (default: its reload_signal, USR2)")
     p = command("del", cmd_del, "stop and forget services", ("delete",))
     p.add_argument("service", nargs="+", help="ids, names, globs such as 'web-*', or all")
     p.add_argument("-f", "--force", action="store_true", help="SIGKILL at once (cuts a graceful stop short)")
@@ -640,6 +666,14 @@ def build_parser(only: str | None = None) -> Parser:
     p = command("startup", cmd_startup, "start pmond at boot: write and enable a systemd unit for it")
     p.add_argument("--print", action="store_true", help="print the unit and change nothing")
     command("unstartup", cmd_unstartup, "disable and remove pmond's systemd unit (services keep running)")
+    p = command("import", cmd_import, "take over the services of the Go Pmon2, keeping their running processes")
+    p.add_argument("source", choices=("pmon2-go",), help="the manager to import from: pmon2-go, the Go Pmon2")
+    p.add_argument("path", nargs="?", metavar="DB_OR_CONFIG",
+                   help="its database or config (default: $PMON2_CONF or /etc/pmon2/config/config.yml)")
+    p.add_argument("--dry-run", action="store_true", help="show what would happen and change nothing")
+    p.add_argument("--stop-old", action="store_true",
+                   help="stop a running Go pmond first, leaving every process it manages running")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
 
 

@@ -253,6 +253,60 @@ def _int_text(text: str) -> int:
 
 
 _NUMBER = {"type": "number", "minimum": 0, "maximum": MAX_SECONDS}
+RESTART_MODES = ("always", "on-failure", "no")
+DEPENDENCY_CONDITIONS = ("started", "ready", "completed")
+MAX_INSTANCES = 1000
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(repr(o) for o in options)}, not {value!r}")
+        return str(value)
+    return check
+
+
+def _codes(value: Any) -> list[int]:
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of exit codes, not {_type_name(value)}")
+    return sorted({_integer(0, 255)(v) for v in value})
+
+
+def _positive_seconds(value: Any) -> float:
+    number = _seconds(value)
+    if number <= 0:
+        raise ValueError("must be more than 0 seconds")
+    return number
+
+
+def _tags(value: Any) -> list[str]:
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of tag names, not {_type_name(value)}")
+    return sorted({check_name(v) for v in value})
+
+
+def _ready(value: Any) -> str:
+    text = _string(value)
+    if text.startswith("exec:") and text[5:].strip():
+        return text
+    for scheme in ("tcp://", "http://", "https://"):
+        if text.startswith(scheme):
+            hostport = text[len(scheme):].split("/", 1)[0]
+            host, _, port = hostport.rpartition(":")
+            if host and port.isascii() and port.isdigit() and 0 < int(port) < 65536:
+                return text
+            raise ValueError(f"{text!r}: give HOST:PORT, such as {scheme}127.0.0.1:8080")
+    raise ValueError(f"{text!r}: use tcp://HOST:PORT, http://HOST:PORT/PATH or exec:COMMAND")
+
+
+def _depends_on(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ValueError(f"must be an object of service names to conditions, not {_type_name(value)}")
+    out = {}
+    for name, condition in value.items():
+        check_name(name)
+        out[name] = _choice(DEPENDENCY_CONDITIONS)(condition)
+    return out
 _NULLABLE_STRING = {"type": ["string", "null"]}
 
 # The service: what `run` and POST /v1/services take. Order is the order of docs.
@@ -277,8 +331,30 @@ SERVICE_FIELDS: tuple[Field, ...] = (
     Field("log_dir", _NULLABLE_STRING, lambda v: None if v is None else _path(v),
           "Directory of NAME-out.log and NAME-err.log; relative to cwd. Default: pmond's log dir.",
           flag="--log-dir"),
+    Field("group", _NULLABLE_STRING, lambda v: None if v is None else _string(v),
+          "Unix group the service runs as (systemd's Group=). Default: the user's primary group.", flag="--group"),
+    Field("autostart", {"type": "boolean"}, _boolean, "Start the service when it is created or applied.",
+          default=True),
+    Field("restart", {"enum": list(RESTART_MODES)}, _choice(RESTART_MODES),
+          "When to start it again after it exits on its own (systemd's Restart=): `always`, `on-failure` (an "
+          "exit code not in success_exit_codes, a signal, or a status still unknown after exit_status_wait), "
+          "or `no`.", default="always", flag="--restart"),
     Field("autorestart", {"type": "boolean"}, _boolean,
-          "Restart after every exit a user did not ask for.", default=True, flag="--no-autorestart"),
+          "Deprecated: false means restart = \"no\", true means \"always\".", flag="--no-autorestart"),
+    Field("success_exit_codes", {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 255}},
+          _codes, "Exit codes that count as success, for restart = \"on-failure\" and depends_on \"completed\".",
+          default=[0]),
+    Field("exit_status_wait", _NUMBER, _seconds,
+          "How long restart = \"on-failure\" waits for an exit status before counting it as a failure.",
+          default=3.0, unit="s"),
+    Field("max_restarts", {"type": "integer", "minimum": 0, "maximum": 1_000_000}, _integer(0, 1_000_000),
+          "Give up (status `errored`) after this many restarts in a row that ran shorter than min_uptime; 0: "
+          "never give up.", default=0, flag="--max-restarts", parse_text=_int_text),
+    Field("backoff_base", {"type": "number", "minimum": 0.001, "maximum": MAX_SECONDS}, _positive_seconds,
+          "First delay of the backoff after a fast exit; it doubles at each fast exit in a row.", default=0.1,
+          unit="s"),
+    Field("backoff_cap", {"type": "number", "minimum": 0.001, "maximum": MAX_SECONDS}, _positive_seconds,
+          "Longest delay of the backoff.", default=15.0, unit="s"),
     Field("min_uptime", _NUMBER, _seconds, "A shorter run counts as a crash for backoff. Default: config.",
           unit="s", flag="--min-uptime", parse_text=_number_text),
     Field("kill_timeout", _NUMBER, _seconds,
@@ -286,6 +362,28 @@ SERVICE_FIELDS: tuple[Field, ...] = (
           flag="--kill-timeout", parse_text=_number_text),
     Field("stop_signal", {"type": ["string", "integer"]}, _signal, "Signal that asks the service to stop.",
           default="SIGTERM", flag="--stop-signal"),
+    Field("reload_signal", {"type": ["string", "integer"]}, _signal, "Signal that `reload` sends by default.",
+          default="SIGUSR2", flag="--reload-signal"),
+    Field("instances", {"type": "integer", "minimum": 1, "maximum": MAX_INSTANCES}, _integer(1, MAX_INSTANCES),
+          "Run this many copies, named NAME:0 ... NAME:N-1; `${instance}` in argv and env is each one's number, "
+          "and NAME selects them all.", default=1, flag="--instances", parse_text=_int_text),
+    Field("port", {"type": ["integer", "null"], "minimum": 1, "maximum": 65535},
+          lambda v: None if v is None else _integer(1, 65535)(v),
+          "Each instance gets PORT = port + its number (and `${port}` in argv and env).", flag="--port",
+          parse_text=_int_text),
+    Field("tags", {"type": "array", "items": {"type": "string"}}, _tags,
+          "Labels; `tag:NAME` selects every service that has one.", default=[], flag="--tag"),
+    Field("ready", _NULLABLE_STRING, lambda v: None if v is None else _ready(v),
+          "Readiness check: `tcp://HOST:PORT` (a connection), `http://HOST:PORT/PATH` (a 2xx answer) or "
+          "`exec:COMMAND` (exit 0). The service shows `starting` until it passes.", flag="--ready"),
+    Field("start_timeout", _NUMBER, _seconds,
+          "How long the readiness check may take; past it the start counts as failed.", default=90.0, unit="s"),
+    Field("depends_on", {"type": "object", "additionalProperties": {"enum": list(DEPENDENCY_CONDITIONS)}},
+          _depends_on, "Services to start first, and what to wait for: `started`, `ready`, or `completed` (it "
+          "exited with a success code). Stopped in reverse order.", default={}),
+    Field("source", _NULLABLE_STRING, lambda v: None if v is None else _abs_path(v),
+          "The app file the service came from (set by apply); `apply --prune` only removes services of the "
+          "same file."),
     Field("log_max_size", {"type": ["string", "integer"]}, lambda v: None if v is None else parse_size(v),
           "Rotate a log above this size (10M, 512K, bytes). Default: config.", unit="bytes",
           flag="--log-max-size"),
@@ -296,6 +394,118 @@ SERVICE_FIELDS: tuple[Field, ...] = (
           "gzip rotated files. Default: config.", flag="--log-compress"),
 )
 SERVICE = {f.name: f for f in SERVICE_FIELDS}
+
+# The app file (`pmon2 apply`, docs/app-file.md): a table per service with the fields above, less those a
+# file spells otherwise, plus FILE_FIELDS, which the CLI resolves before it sends the service (pmond never
+# sees them). NOT_IN_FILES says what to write instead: an unknown key's did-you-mean.
+NOT_IN_FILES = {"argv": "command", "name": "the table's name, [services.NAME]",
+                "autorestart": 'restart = "always", "on-failure" or "no"'}
+INHERIT_ENV = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_*", "TZ")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _command(value: Any) -> list[str]:
+    if isinstance(value, str):
+        import shlex
+
+        try:
+            value = shlex.split(_string(value))
+        except ValueError as exc:
+            raise ValueError(f"cannot be split with shell rules: {str(exc).lower()}") from None
+        if not value:
+            raise ValueError("must name a program: command = \"./bin/api --port 8080\" or a list")
+    elif not isinstance(value, list):
+        raise ValueError(f"must be a list of strings or one string, not {_type_name(value)}")
+    return _argv(value)
+
+
+def _env_files(value: Any) -> list[str]:
+    items = value if isinstance(value, list) else [value]
+    if not isinstance(value, list | str):
+        raise ValueError(f"must be a path or a list of paths, not {_type_name(value)}")
+    return [_string(v) for v in items]
+
+
+def _inherit_env(value: Any) -> list[str]:
+    if isinstance(value, bool):
+        return ["*"] if value else []
+    if not isinstance(value, list):
+        raise ValueError(f"must be true, false or a list of variable names, not {_type_name(value)}")
+    for name in value:
+        text = _string(name)
+        if not ENV_NAME.fullmatch(text.replace("*", "_").replace("?", "_")):
+            raise ValueError(f"{text!r} is not a variable name (letters, digits, _; * and ? match any)")
+    return list(value)
+
+
+FILE_FIELDS: tuple[Field, ...] = (
+    Field("command", {"type": ["array", "string"], "items": {"type": "string"}, "minItems": 1, "minLength": 1},
+          _command, "The program and its arguments: a list (the argv, verbatim), or one string split with shell "
+          "rules (quotes, backslashes) and still run without a shell: write `[\"sh\", \"-c\", \"...\"]` for one. "
+          "A relative program (`./bin/api`) is found from cwd, a bare name in PATH. Sent as `argv`."),
+    Field("env_file", {"type": ["string", "array"], "items": {"type": "string"}}, _env_files,
+          "A dotenv file, or a list of them, read by the CLI with your rights (pmond never opens it); relative to "
+          "the app file's directory. Its variables go under `env`; later files win over earlier ones."),
+    Field("inherit_env", {"type": ["boolean", "array"], "items": {"type": "string"}}, _inherit_env,
+          "Which variables of the environment `apply` runs in the service starts with, under `env_file` and "
+          "`env`: a list of names (`*` and `?` match any characters), `true` for all of them but the login "
+          "session's (as `run`), `false` for none.", default=list(INHERIT_ENV)),
+)
+FILE = {f.name: f for f in FILE_FIELDS}
+APP_FILE_KEYS = ("services", "defaults", "$schema")
+
+
+def app_file_fields() -> tuple[Field, ...]:
+    """The keys of a service's table in an app file (and of [defaults], less `command`), in docs order."""
+    return (*FILE_FIELDS, *(f for f in SERVICE_FIELDS if f.name not in NOT_IN_FILES))
+
+
+def unknown_key(key: str, known: Any) -> str:
+    """The problem with a key that is not one of `known`, with a did-you-mean."""
+    import difflib
+
+    if key in NOT_IN_FILES:
+        return f"unknown key {key!r}: an app file writes {NOT_IN_FILES[key]}"
+    close = difflib.get_close_matches(str(key), [str(k) for k in known], n=1, cutoff=0.6)
+    return f"unknown key {key!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+
+# POST /v1/adopt (`pmon2 import`, root only): a service taken over from another manager, its running process
+# adopted in place. The service's own fields, plus these.
+PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT
+IMPORT_TOOLS = ("pmon2-go",)
+_ORIGIN_KEYS = ("tool", "source", "row", "name")
+
+
+def _origin(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"must be an object {{tool, source, row, name}}, not {_type_name(value)}")
+    unknown = sorted(set(value) - set(_ORIGIN_KEYS))
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} (known: {', '.join(_ORIGIN_KEYS)})")
+    if value.get("tool") not in IMPORT_TOOLS:
+        raise ValueError(f"tool must be one of {', '.join(IMPORT_TOOLS)}, not {value.get('tool')!r}")
+    try:
+        return {"tool": value["tool"], "source": _string(value.get("source")),
+                "row": _integer(0, (1 << 63) - 1)(value.get("row")), "name": _string(value.get("name", ""), empty=True)}
+    except ValueError as exc:
+        raise ValueError(f"source, row or name {exc}") from None
+
+
+ADOPT_FIELDS: tuple[Field, ...] = (
+    *SERVICE_FIELDS,
+    Field("pid", {"type": ["integer", "null"], "minimum": 1, "maximum": PID_MAX},
+          lambda v: None if v is None else _integer(1, PID_MAX)(v),
+          "The process to adopt in place, when it still is the one `argv` names (alive, not a zombie, the same "
+          "argv, leading its own process group; pmond checks it through a pidfd): same pid, no signal, no "
+          "restart. A stranger holding the pid is never signalled."),
+    Field("start", {"type": "boolean"}, _boolean,
+          "With no such process: start the service (unless a live process runs argv[0], probably the same service "
+          "under other arguments: then nothing starts), or leave it stopped.", default=False),
+    Field("imported_from", {"type": "object"}, _origin,
+          "Where the service comes from: {tool: \"pmon2-go\", source: the database, row: its id there, name: its "
+          "name there}. Stored with the date of the import; `desc` shows it, and the same row is never "
+          "imported twice."),
+)
 
 # The other request bodies.
 STOP_FIELDS = (Field("force", {"type": "boolean"}, _boolean, "SIGKILL at once, no grace time.", default=False),)
@@ -318,9 +528,85 @@ SELECT = Field("select", {"type": "array", "items": {"type": "string"}, "minItem
                "Which services: ids, names, shell-style globs ('web-*') or 'all'. All or nothing: a ref that "
                "matches nothing fails the whole request.")
 RENAME_FIELDS = (Field("name", SERVICE_FIELDS[1].schema, check_name, "The new name."),)
+
+
+def _object(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(f"must be an object of service fields, not {_type_name(value)}")
+    return value
+
+
+UPDATE_FIELDS = (Field("fields", {"type": "object"}, _object, "The fields to change (checked as SERVICE_FIELDS)."),
+                 Field("restart", {"type": "boolean"}, _boolean, "Restart what the change needs restarted.",
+                       default=False))
+SCALE_FIELDS = (Field("instances", SERVICE["instances"].schema, SERVICE["instances"].check, "How many instances."),)
 # POST /v1/actions/{action}: the selection plus the fields of that action
 ACTION_FIELDS = {"start": (SELECT,), "stop": (SELECT, *STOP_FIELDS), "restart": (SELECT,),
                  "reload": (SELECT, *RELOAD_FIELDS), "delete": (SELECT, *STOP_FIELDS), "flush": (SELECT,)}
+
+# POST /v1/apply (`pmon2 apply`): an app file's services, as the CLI resolved them. Only the shape of
+# `services` is checked here; each service is checked by `check_services`, which names every problem.
+MAX_APPLY_SERVICES = 10_000
+
+
+def _service_list(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of service objects, not {_type_name(value)}")
+    if len(value) > MAX_APPLY_SERVICES:
+        raise ValueError(f"has more than {MAX_APPLY_SERVICES} services")
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise ValueError(f"item {i} must be an object, not {_type_name(item)}")
+    return value
+
+
+APPLY_FIELDS: tuple[Field, ...] = (
+    Field("source", {"type": "string"}, _abs_path,
+          "The app file's absolute path. Each service remembers it (`desc` shows it); `prune` removes only "
+          "services of this source. A service may name its own `source` (as `dump` writes it)."),
+    Field("services", {"type": "array", "items": {"type": "object"}}, _service_list,
+          "The file's services: service objects as POST /v1/services takes them, `name` and `argv` required. "
+          "Each is checked field by field, and every problem is named.", default=[]),
+    Field("prune", {"type": "boolean"}, _boolean,
+          "Also remove the services whose source is this file and that the file no longer has.", default=False),
+    Field("dry_run", {"type": "boolean"}, _boolean, "Compute and return the plan; change nothing.", default=False),
+)
+
+
+def check_services(services: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Each service of an apply body, checked with SERVICE_FIELDS field by field -> (each service with a
+    valid name, holding the fields that passed, so that the plan can go on to find more problems; every
+    problem as "services.NAME.FIELD: problem"). `name` and `argv` are required; an unknown field gets a
+    did-you-mean. Nothing may be applied while a problem is left."""
+    import difflib
+
+    checked: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for i, item in enumerate(services):
+        raw_name = item.get("name")
+        try:
+            where = f"services.{check_name(raw_name)}"
+        except ValueError:
+            where = f"services[{i}]"
+        out: dict[str, Any] = {}
+        for key, value in item.items():
+            field = SERVICE.get(key)
+            if field is None:
+                close = difflib.get_close_matches(key, SERVICE, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                problems.append(f"{where}.{key}: unknown field{hint}")
+                continue
+            try:
+                out[key] = field.validate(value)
+            except FieldError as exc:
+                problems.append(f"{where}.{exc.message}")
+        for needed in ("name", "argv"):
+            if needed not in item:
+                problems.append(f"{where}: {needed} is required")
+        if "name" in out:
+            checked.append(out)
+    return checked, problems
+
 
 # Query strings (values are text).
 LIMIT = Field("limit", {"type": "integer", "minimum": 1, "maximum": 100_000},
@@ -361,6 +647,12 @@ LOG_SELECT = Field("select", {"type": "string"}, _refs_text,
                    "Comma-separated ids, names, globs ('web-*') or all; all or nothing, as for actions.",
                    default=["all"])
 LOG_QUERY = (LINES, STREAM, FOLLOW)
+
+# GET /v1/dump
+MASKED = Field("masked", {"type": "boolean"}, lambda v: _bool_text(v),
+               "Mask secret environment values (spec.mask_env); needed by a caller who may not see them.",
+               default=False)
+DUMP_QUERY = (MASKED,)
 
 
 def check_body(body: Mapping[str, Any] | None, fields: tuple[Field, ...]) -> dict[str, Any]:
@@ -405,6 +697,36 @@ def json_schema() -> dict[str, Any]:
         props[f.name] = prop
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "pmon2 service",
             "type": "object", "properties": props, "required": ["argv"], "additionalProperties": False}
+
+
+def app_file_schema() -> dict[str, Any]:
+    """A JSON Schema (draft 2020-12) of an app file (TOML, YAML or JSON: the same shape), derived from
+    app_file_fields(): `pmon2 schema`, for editor completion."""
+    props = {}
+    for f in app_file_fields():
+        prop = dict(f.schema, description=f.doc)
+        if f.unit:
+            prop["x-unit"] = f.unit
+        if f.default is not None and f.name != "cwd":  # cwd: the file's directory
+            prop["default"] = f.default
+        props[f.name] = prop
+    service = {"type": "object", "properties": props, "additionalProperties": False}
+    defaults = dict(service, properties={k: v for k, v in props.items() if k != "command"})
+    name = {"type": "string", "minLength": 1, "maxLength": NAME_MAX_CHARS, "pattern": r"^[^.\-:\s][^:\s/]*$",
+            "not": {"enum": sorted(RESERVED_NAMES)}}
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema", "title": "pmon2 app file",
+        "description": "Services as code: `pmon2 apply FILE`. See docs/app-file.md.",
+        "type": "object", "additionalProperties": False, "required": ["services"],
+        "properties": {
+            "$schema": {"type": "string", "description": "This schema, for editors; ignored by pmon2."},
+            "defaults": dict(defaults, description="Fields every service gets unless it sets them; `env` "
+                                                   "tables are merged key by key."),
+            "services": {"type": "object", "description": "One table per service, named by its key.",
+                         "propertyNames": name,
+                         "additionalProperties": dict(service, required=["command"], description="A service.")},
+        },
+    }
 
 
 # environments

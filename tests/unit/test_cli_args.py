@@ -84,7 +84,7 @@ def test_unknown_long_option_after_command_goes_to_service():
     assert split_run_args(["./app", "--port", "8080", "--port=9"]) == ({}, ["./app", "--port", "8080", "--port=9"])
 
 
-@pytest.mark.parametrize("tokens", [["--port", "8080", "./app"], ["-x", "./app"], ["--port=1", "./app"]])
+@pytest.mark.parametrize("tokens", [["--prot", "8080", "./app"], ["-x", "./app"], ["--prot=1", "./app"]])
 def test_unknown_option_before_command_is_usage_error(tokens):
     with pytest.raises(UsageError, match="unknown option"):
         split_run_args(tokens)
@@ -125,7 +125,7 @@ def no_daemon(monkeypatch, tmp_path):
     (["exec"], "a command is needed"),
     (["run", "--name", "api"], "a command is needed"),
     (["run", "--name"], "needs a value"),
-    (["run", "--port", "8080", "./app"], "unknown option"),
+    (["run", "--prot", "8080", "./app"], "unknown option"),
     (["run", "./app", "--no-autorestart=x"], "takes no value"),
     (["run", "./app", "--args", "'unclosed"], "--args"),
 ])
@@ -181,3 +181,14 @@ def test_a_single_command_parser_parses_like_the_full_one():
         full = vars(build_parser().parse_args(argv))
         single = vars(build_parser(only=argv[0]).parse_args(argv))
         assert full == single
+
+
+def test_newer_flags_count_only_before_the_command():
+    # Services commonly take --port, --env, --group of their own: after the command they are the service's.
+    tail = ["--port", "8080", "--env", "production", "--group", "g", "--restart", "no", "--tag", "x"]
+    assert split_run_args(["./app", *tail]) == ({}, ["./app", *tail])
+    opts, argv = split_run_args(["--port", "9000", "--tag", "a", "--tag", "b", "--restart", "on-failure",
+                                 "--instances", "2", "--env", "A=1", "./app", "--name", "api"])
+    assert argv == ["./app"]
+    assert opts == {"port": "9000", "tags": ["a", "b"], "restart": "on-failure", "instances": "2", "env": ["A=1"],
+                    "name": "api"}

@@ -76,9 +76,32 @@ def test_min_uptime_boundary_is_not_fast():
 
 
 def test_no_autorestart_exits():
-    d = step(Status.RUNNING, Trigger.EXIT, RestartPolicy(autorestart=False), runtime=0.1, fast_exits=2)
+    d = step(Status.RUNNING, Trigger.EXIT, RestartPolicy(restart="no"), runtime=0.1, fast_exits=2)
     assert d.status is Status.EXITED
     assert d.retry_in is None
+
+
+def test_on_failure_waits_for_the_status_then_decides():
+    policy = RestartPolicy(restart="on-failure")
+    waiting = step(Status.RUNNING, Trigger.EXIT, policy, runtime=5.0)
+    assert (waiting.status, waiting.retry_in) == (Status.BACKOFF, None)
+    assert step(Status.BACKOFF, Trigger.STATUS, policy, runtime=5.0, failed=False).status is Status.EXITED
+    again = step(Status.BACKOFF, Trigger.STATUS, policy, runtime=5.0, failed=True)
+    assert (again.status, again.retry_in) == (Status.BACKOFF, 0.0)
+
+
+def test_max_restarts_gives_up():
+    policy = RestartPolicy(max_restarts=3)
+    assert step(Status.RUNNING, Trigger.EXIT, policy, runtime=0.1, fast_exits=2).status is Status.BACKOFF
+    gave_up = step(Status.RUNNING, Trigger.EXIT, policy, runtime=0.1, fast_exits=3)
+    assert gave_up.status is Status.ERRORED and gave_up.retry_in is None
+
+
+def test_readiness_gates_running():
+    policy = RestartPolicy(ready=True)
+    assert step(Status.STOPPED, Trigger.SPAWNED, policy).status is Status.STARTING
+    assert step(Status.STARTING, Trigger.READY, policy).status is Status.RUNNING
+    assert step(Status.STARTING, Trigger.EXIT, policy, runtime=0.1).status is Status.BACKOFF
 
 
 @pytest.mark.parametrize("trigger", [Trigger.EXIT, Trigger.STOPPED])
@@ -146,14 +169,17 @@ def test_pairs_outside_the_table_raise(status, trigger):
 def test_every_decision_is_allowed_by_the_table(status, trigger):
     # An automatic start only ever happens from BACKOFF (the supervisor's _auto_start checks it).
     users = (False, True) if (trigger is not Trigger.SPAWN_FAILED or status is Status.BACKOFF) else (True,)
-    for autorestart, user, runtime, fast_exits in itertools.product(
-            (True, False), users, (None, 0.0, 0.5, 1.0, 30.0), (0, 1, 3, 20)):
-        d = step(status, trigger, RestartPolicy(autorestart=autorestart), runtime=runtime,
-                 fast_exits=fast_exits, user_initiated=user)
+    for restart, user, runtime, fast_exits, failed, max_restarts, ready in itertools.product(
+            ("always", "on-failure", "no"), users, (None, 0.0, 0.5, 1.0, 30.0), (0, 1, 3, 20), (None, True, False),
+            (0, 2), (False, True)):
+        policy = RestartPolicy(restart=restart, max_restarts=max_restarts, ready=ready)
+        d = step(status, trigger, policy, runtime=runtime, fast_exits=fast_exits, user_initiated=user,
+                 failed=failed)
         assert d.status in TRANSITIONS[(status, trigger)]
         assert d.fast_exits >= 0
         assert d.retry_in is None or 0 <= d.retry_in <= 15.0
-        assert (d.retry_in is not None) == (d.status is Status.BACKOFF)
+        waiting = restart == "on-failure" and failed is None and trigger in (Trigger.EXIT, Trigger.STATUS)
+        assert (d.retry_in is not None) == (d.status is Status.BACKOFF and not waiting)
 
 
 def test_automatic_spawn_failure_outside_backoff_is_rejected():

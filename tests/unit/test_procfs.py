@@ -76,3 +76,72 @@ def test_start_wall_time_of_self_is_in_the_past():
     assert st is not None
     started = procfs.start_wall_time(st.starttime)
     assert time.time() - 3600 * 24 * 365 < started <= time.time() + 1
+
+
+ROLLUP = b"""55facf64f000-7ffd77609000 ---p 00000000 00:00 0                          [rollup]
+Rss:               57556 kB
+Pss:               52380 kB
+Pss_Dirty:         51680 kB
+Pss_Anon:          51680 kB
+"""
+
+
+def test_parse_pss_reads_the_pss_line_not_its_neighbours():
+    assert procfs.parse_pss(ROLLUP) == 52380 * 1024
+    assert procfs.parse_pss(ROLLUP.replace(b"\nPss:", b"\nXss:")) is None
+    assert procfs.parse_pss(b"") is None
+    assert procfs.parse_pss(b"x\nPss: nonsense kB\n") is None
+
+
+def test_read_pss_of_self_is_positive_and_at_most_rss():
+    pss = procfs.read_pss(os.getpid())
+    st = procfs.read_stat(os.getpid())
+    assert pss is not None and st is not None
+    assert 0 < pss <= st.rss_bytes * 1.1  # PSS shares out the shared pages; RSS counts them whole
+
+
+def test_read_pss_unreadable_is_none(tmp_path):
+    assert procfs.read_pss(12345, proc=str(tmp_path)) is None
+    (tmp_path / "7").mkdir()
+    (tmp_path / "7" / "smaps_rollup").write_bytes(b"")  # a kernel thread's
+    assert procfs.read_pss(7, proc=str(tmp_path)) is None
+
+
+def test_cgroup_pids(tmp_path):
+    (tmp_path / "cgroup.procs").write_text("12\n34\n")
+    assert procfs.cgroup_pids(str(tmp_path)) == [12, 34]
+    assert procfs.cgroup_pids(str(tmp_path / "missing")) is None
+
+
+def test_children_are_read_from_every_thread():
+    import subprocess
+    import threading
+
+    kids: list[subprocess.Popen] = []
+    try:
+        kids.append(subprocess.Popen(["sleep", "60"]))
+        t = threading.Thread(target=lambda: kids.append(subprocess.Popen(["sleep", "60"])))
+        t.start()
+        t.join()  # a thread that exits hands its children to another thread of the process
+        gate = threading.Event()
+        done = threading.Event()
+
+        def fork_and_wait() -> None:
+            kids.append(subprocess.Popen(["sleep", "60"]))
+            gate.set()
+            done.wait(10)
+
+        t2 = threading.Thread(target=fork_and_wait)
+        t2.start()
+        gate.wait(10)
+        st = procfs.read_stat(os.getpid())
+        assert st is not None and st.threads >= 2
+        assert sorted(procfs.children(os.getpid(), st.threads)) == sorted(k.pid for k in kids)
+        # Read as if single-threaded, the child of the live thread t2 is not there.
+        assert kids[2].pid not in procfs.children(os.getpid(), 1)
+        done.set()
+        t2.join()
+    finally:
+        for k in kids:
+            k.kill()
+            k.wait()

@@ -13,6 +13,7 @@ from typing import Any
 
 from pmon2 import spec as model
 from pmon2.daemon import auth
+from pmon2.daemon.apply import Apply
 from pmon2.daemon.auth import Caller, Forbidden
 from pmon2.daemon.logread import LogApi
 from pmon2.daemon.server import unquote
@@ -50,9 +51,13 @@ class Api:
             ("POST", re.compile(ref + "/flush"), none, none, self.flush),
             ("POST", re.compile(r"/v1/flush"), none, none, self.flush_all),
             ("POST", re.compile(ref + "/rename"), model.RENAME_FIELDS, none, self.rename),
+            ("POST", re.compile(ref + "/update"), model.UPDATE_FIELDS, none, self.update),
+            ("POST", re.compile(ref + "/scale"), model.SCALE_FIELDS, none, self.scale),
+            ("POST", re.compile(r"/v1/adopt"), model.ADOPT_FIELDS, none, self.adopt),
             *[("POST", re.compile(f"/v1/actions/{action}"), fields, none, self._batch(action))
               for action, fields in model.ACTION_FIELDS.items()],
             *LogApi(supervisor).routes(),  # GET .../logs: handlers in logread.py
+            *Apply(supervisor).routes(),  # POST /v1/apply, GET /v1/dump: handlers in apply.py
         ]
 
     async def __call__(self, method: str, path: str, query: dict[str, list[str]], body: dict[str, Any] | None,
@@ -90,7 +95,10 @@ class Api:
         return 202, {"stopping": True, "pid": self.info()["pid"], "services_left_running": True}
 
     async def list_services(self, caller: Caller, **_: Any) -> tuple[int, Any]:
-        return 200, [self.sup.view(s) for s in self.sup.services.values() if caller.owns(s.uid)]
+        from pmon2.daemon.usage import SAMPLER
+
+        scan = SAMPLER.scan()  # one look at /proc for the whole list, not one per service
+        return 200, [self.sup.view(s, scan=scan) for s in self.sup.services.values() if caller.owns(s.uid)]
 
     async def create_service(self, caller: Caller, fields: dict[str, Any], **_: Any) -> tuple[int, Any]:
         if not caller.privileged:
@@ -101,12 +109,17 @@ class Api:
                 raise Forbidden(f"user: you may only run services as yourself ({own})")
             fields["user"] = user
         svc = await self.sup.create(fields)
-        return 201, self.sup.view(svc, detail=True)
+        view = self.sup.view(svc, detail=True)
+        if svc.spec.get("instance_of"):
+            view["instance_ids"] = [s.id for s in self.sup.groups().get(svc.group, [])]
+        return 201, view
 
     async def get_service(self, ref: str, caller: Caller, options: dict[str, Any], **_: Any) -> tuple[int, Any]:
         svc = self.sup.find(ref, caller)
         # Owners only reach this far, so show_env is already limited to root and the service's user.
-        return 200, self.sup.view(svc, detail=True, show_env=options["show_env"])
+        from pmon2.daemon.usage import SAMPLER
+
+        return 200, self.sup.view(svc, detail=True, show_env=options["show_env"], scan=SAMPLER.scan())
 
     async def delete_service(self, ref: str, caller: Caller, options: dict[str, Any], **_: Any) -> tuple[int, Any]:
         svc = await self.sup.delete(self._own(ref, caller), force=options["force"])
@@ -144,10 +157,42 @@ class Api:
         caller.require_root("flush of every service")
         return 200, {"files": self.sup.flush(list(self.sup.services.values()))}
 
+    async def update(self, ref: str, caller: Caller, fields: dict[str, Any], **_: Any) -> tuple[int, Any]:
+        """Change fields of a service (or of every instance of NAME) through the spec model; with
+        `restart`, restart what the change needs restarted. 200 {"services": [...], "restart_needed",
+        "restarted"}."""
+        changes = model.check_body(fields.get("fields") or {}, model.SERVICE_FIELDS)
+        if not caller.privileged and "user" in changes and auth.uid_of_user(changes["user"]) != caller.uid:
+            raise Forbidden(f"user: you may only run services as yourself ({auth.user_name(caller.uid)})")
+        self.sup.select([ref], caller)  # the caller's own, or NotFound
+        services, needed = await self.sup.update(ref, changes)
+        restarted = False
+        if needed and fields.get("restart"):
+            await asyncio.gather(*(self.sup.restart(str(s.id)) for s in services))
+            restarted = True
+        return 200, {"services": [self.sup.view(s, detail=True) for s in services], "restart_needed": needed,
+                     "restarted": restarted}
+
+    async def scale(self, ref: str, caller: Caller, fields: dict[str, Any], **_: Any) -> tuple[int, Any]:
+        if "instances" not in fields:
+            raise BadRequest("instances: how many?")
+        self.sup.select([ref], caller)
+        group, removed = await self.sup.scale(ref, fields["instances"])
+        return 200, {"services": [self.sup.view(s) for s in group], "removed": removed}
+
     async def rename(self, ref: str, caller: Caller, fields: dict[str, Any], **_: Any) -> tuple[int, Any]:
         if "name" not in fields:
             raise BadRequest("name: the new name is needed")
         return 200, self.sup.view(await self.sup.rename(self._own(ref, caller), fields["name"]), detail=True)
+
+    async def adopt(self, caller: Caller, fields: dict[str, Any], **_: Any) -> tuple[int, Any]:
+        """`pmon2 import`: a service taken over from another manager, its running process adopted in place
+        (Supervisor.adopt_existing). Adopting an arbitrary pid is root's alone (auth.py)."""
+        caller.require_root("adopting a running process (pmon2 import)")
+        if "argv" not in fields:
+            raise BadRequest("argv: the command of the service is needed")
+        svc, outcome = await self.sup.adopt_existing(fields)
+        return 201, outcome | {"service": self.sup.view(svc, detail=True)}
 
     def _batch(self, action: str) -> Handler:
         """POST /v1/actions/{action}: one action on the services `select` names, resolved all or nothing

@@ -64,6 +64,7 @@ class LaunchSpec:
     trusted_log_dir: str | None = None
     # When set, the service's PMON2_SERVICE (instance:id): a mark on its process that pmond can tell.
     marker: str = ""
+    group: str | None = None  # systemd's Group=: the primary group, instead of the user's own
 
 
 @dataclass
@@ -89,6 +90,19 @@ def _request(spec: LaunchSpec) -> tuple:  # type: ignore[type-arg]
             env = dict(spec.env, HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name,
                        SHELL=pw.pw_shell or "/bin/sh")
             ident = (pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid))
+    if spec.group is not None:
+        import grp
+
+        try:
+            gid = grp.getgrnam(spec.group).gr_gid
+        except KeyError:
+            raise SpawnError(f"no such group: {spec.group}") from None
+        if gid != (ident[1] if ident else os.getegid()):
+            if os.geteuid() != 0:
+                raise SpawnError(f"--group {spec.group} needs pmond to run as root")
+            uid = ident[0] if ident else os.geteuid()
+            user = spec.user or pwd.getpwuid(uid).pw_name
+            ident = (uid, gid, os.getgrouplist(user, gid))
     env = dict(env)
     if spec.marker:
         env["PMON2_SERVICE"] = spec.marker  # never one inherited from the shell that ran `pmon2 run`

@@ -23,7 +23,7 @@ from typing import Any
 from pmon2 import procfs
 from pmon2 import spec as model
 from pmon2.config import Config
-from pmon2.daemon import auth, recovery, spawn, watch
+from pmon2.daemon import auth, instances, recovery, spawn, watch
 from pmon2.daemon.launches import LaunchRecord, LaunchRecords
 from pmon2.daemon.persist import NotSaved, Persist
 from pmon2.daemon.policy import RestartPolicy, Status, Trigger, step
@@ -71,11 +71,21 @@ class Service:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     retry_handle: asyncio.TimerHandle | None = None
     escalate: asyncio.Event | None = None  # set by `stop -f` to cut a graceful stop in progress short
-    cpu_sample: tuple[float, float] | None = None  # (cpu seconds, monotonic time)
+    cpu_sample: Any = None  # usage.CpuSample: CPU times of every process of the service, per pid
+    changed: asyncio.Event = field(default_factory=asyncio.Event)  # set and replaced at each status change
+    status_known: asyncio.Event = field(default_factory=asyncio.Event)  # the last exit's status arrived
 
     @property
     def policy(self) -> RestartPolicy:
-        return RestartPolicy(autorestart=self.spec["autorestart"], min_uptime=self.spec["min_uptime"])
+        s = self.spec
+        return RestartPolicy(restart=restart_mode(s), min_uptime=s["min_uptime"],
+                             backoff_base=s.get("backoff_base", 0.1), backoff_cap=s.get("backoff_cap", 15.0),
+                             max_restarts=s.get("max_restarts", 0), ready=bool(s.get("ready")))
+
+    @property
+    def group(self) -> str:
+        """NAME for the instances NAME:i of one service; a plain service's own name."""
+        return instances.group_of(self.spec, self.name)
 
     @property
     def alive(self) -> bool:
@@ -140,10 +150,16 @@ class Supervisor:
                 found = visible
                 if not found:
                     raise NotFound("no services yet: start one with  pmon2 run ./bin/app --name app")
+            elif ref.startswith("tag:"):
+                found = [s for s in visible if ref[4:] in s.spec.get("tags", ())]
+                if not found:
+                    raise NotFound(f"no service has the tag {ref[4:]!r}")
             elif any(c in ref for c in "*?["):
                 found = [s for s in visible if fnmatch.fnmatchcase(s.name, ref)]
                 if not found:
                     raise NotFound(f"no service matches {ref!r}")
+            elif any(s.spec.get("instance_of") == ref for s in visible):
+                found = [s for s in visible if s.spec.get("instance_of") == ref]  # every instance of NAME
             else:
                 found = [self.find(ref, caller)]
             chosen.update((s.id, s) for s in found)
@@ -171,6 +187,115 @@ class Supervisor:
                     self.launches.write(LaunchRecord(svc.id, svc.pid, svc.start_ticks, procfs.boot_id(), new))
             self._event(svc, "rename", f"renamed from {old}", old=old)
         return svc
+
+    # services as code: the fields as given, groups of instances, changes, scale, conditions
+
+    def request_fields(self, svc: Service) -> dict[str, Any]:
+        """The service's fields in the API's form, as they were given (the group's, for an instance, with
+        `instances`): what `update` and `apply` diff against and `dump` writes."""
+        spec = svc.spec
+        fields = dict(spec.get("fields") or legacy_fields(spec, svc.name))
+        fields.update(argv=list(spec["argv"]), env=dict(spec["env"]))
+        if spec.get("instance_of"):
+            fields["name"] = spec["instance_of"]
+            fields["instances"] = len(self.groups().get(spec["instance_of"], [])) or 1
+        return fields
+
+    def groups(self) -> dict[str, list[Service]]:
+        """Services by group: NAME -> its instances NAME:0.. in order, or the plain service NAME."""
+        out: dict[str, list[Service]] = {}
+        for svc in sorted(self.services.values(), key=lambda s: (s.spec.get("instance", 0), s.id)):
+            out.setdefault(svc.group, []).append(svc)
+        return out
+
+    async def update(self, ref: str, changes: dict[str, Any]) -> tuple[list[Service], bool]:
+        """Change fields of a service, or of every instance of a group, through the spec model: (the
+        services, whether a restart is needed for the change to take effect). Nothing is restarted here."""
+        targets = self.select([ref])
+        if "name" in changes or "instances" in changes:
+            raise BadRequest("name and instances are changed with `rename` and `scale`, not `update`")
+        restart = False
+        for svc in targets:
+            async with svc.lock:
+                old = self.request_fields(svc)
+                merged = {k: v for k, v in (old | changes).items() if k not in ("instances",) and v is not None}
+                merged["name"] = svc.name
+                if svc.spec.get("instance_of"):
+                    merged.update(instance_of=svc.spec["instance_of"], instance=svc.spec["instance"])
+                _, spec = self.build_spec(merged, but=svc)
+                if svc.spec.get("instance_of"):
+                    spec["instance_of"], spec["instance"] = svc.spec["instance_of"], svc.spec["instance"]
+                    spec["fields"] = {k: v for k, v in spec["fields"].items() if k not in ("instance_of", "instance")}
+                    spec["fields"]["name"] = svc.spec["instance_of"]
+                changed = [k for k in changes if old.get(k) != changes[k]]
+                restart = restart or any(k in RESTART_FIELDS for k in changed)
+                await self.persist.commit(lambda s=svc, sp=spec: self.store.update_service(s.id, spec=sp))
+                svc.spec = self._share_env(spec)
+                svc.uid = auth.uid_of_user(spec["user"])
+                if changed:
+                    self._event(svc, "update", f"changed {', '.join(sorted(changed))}"
+                                + ("; takes effect at the next start" if restart else ""), fields=sorted(changed))
+        return targets, restart
+
+    async def scale(self, group: str, count: int) -> tuple[list[Service], list[str]]:
+        """Run `count` instances of a group: new ones NAME:n.. are created (and started), the highest go
+        first when it shrinks. A plain service NAME becomes NAME:0. Returns (the group now, removed names)."""
+        current = self.select([group])
+        if len(current) == 1 and not current[0].spec.get("instance_of"):
+            plain = current[0]
+            if count == 1:
+                return current, []
+            await self.rename(str(plain.id), instances.name(group, 0))
+            plain.spec = dict(plain.spec, instance_of=group, instance=0)
+            await self.persist.commit(lambda: self.store.update_service(plain.id, spec=plain.spec))
+        members = self.groups().get(group, [])
+        template = self.request_fields(members[0])
+        removed = []
+        for svc in sorted(members, key=lambda s: s.spec["instance"], reverse=True)[:max(len(members) - count, 0)]:
+            removed.append(svc.name)
+            await self.delete(str(svc.id))
+        have = {s.spec["instance"] for s in self.groups().get(group, [])}
+        adding = [i for i in range(count) if i not in have]
+        for svc in self.groups().get(group, []):
+            self._event(svc, "scale", f"{group} scaled to {count}")
+        made = await asyncio.gather(*(self._create_one(dict(template, name=instances.name(group, i),
+                                                             instance_of=group, instance=i))
+                                      for i in adding), return_exceptions=True)
+        failure = next((m for m in made if isinstance(m, BaseException)), None)
+        if failure is not None:
+            raise failure
+        return self.groups().get(group, []), removed
+
+    async def wait_for(self, svc: Service, condition: str, timeout: float) -> None:
+        """Until `condition` holds: "started" (a process runs), "ready" (its readiness check passed, or it
+        has none), "completed" (it exited with a code in success_exit_codes). Raises PmonError when it
+        cannot hold any more (the service failed) or at the deadline."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            status = svc.status
+            if condition == "started" and status in (Status.STARTING, Status.RUNNING):
+                return
+            if condition == "ready" and status is Status.RUNNING:
+                return
+            if condition == "completed" and status is Status.EXITED:
+                code = (svc.last_exit or {}).get("code")
+                if code in svc.spec.get("success_exit_codes", [0]):
+                    return
+                if (svc.last_exit or {}).get("source") != "pending":
+                    raise PmonError(f"{svc.name} exited with {words.exit_status(svc.last_exit or {})}, "
+                                    "not a success code")
+            if status in (Status.ERRORED, Status.STOPPED) or (status is Status.EXITED and condition != "completed"):
+                raise PmonError(f"{svc.name} is {status.value}, so it will not be {condition}")
+            left = deadline - loop.time()
+            if left <= 0:
+                raise PmonError(f"{svc.name} was not {condition} within {timeout:g} s")
+            changed = svc.changed
+            try:
+                # Also woken by the exit status arriving (`completed` needs the code).
+                await asyncio.wait_for(_either(changed, svc.status_known), min(left, 1.0))
+            except TimeoutError:
+                pass
 
     def by_name(self, name: str) -> Service | None:
         return next((s for s in self.services.values() if s.name == name), None)
@@ -208,13 +333,15 @@ class Supervisor:
                                   owner_uid=svc.uid if svc else owner_uid)
 
     def _transition(self, svc: Service, trigger: Trigger, *, runtime: float | None = None,
-                    user_initiated: bool = False) -> float | None:
+                    user_initiated: bool = False, failed: bool | None = None) -> float | None:
         d = step(svc.status, trigger, svc.policy, runtime=runtime, fast_exits=svc.fast_exits,
-                 user_initiated=user_initiated)
+                 user_initiated=user_initiated, failed=failed)
         if d.status is not svc.status:
             log.debug("%s: %s -> %s (%s)", svc.name, svc.status, d.status, d.reason)
         svc.status = d.status
         svc.fast_exits = d.fast_exits
+        svc.changed.set()  # wake whoever waits on a condition of this service (wait_for), then re-arm
+        svc.changed = asyncio.Event()
         return d.retry_in
 
     # start-up
@@ -383,7 +510,7 @@ class Supervisor:
 
     # creating a service
 
-    def build_spec(self, req: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    def build_spec(self, req: dict[str, Any], but: Service | None = None) -> tuple[str, dict[str, Any]]:
         """Fields already checked by spec.check_body (SERVICE_FIELDS) -> (name, stored spec), with the
         defaults applied and what needs the machine resolved: the executable, the log paths, the user."""
         argv = req.get("argv")
@@ -401,10 +528,12 @@ class Supervisor:
                 name = model.check_name(os.path.basename(argv[0]))
             except ValueError as exc:
                 raise BadRequest(f"name: {exc}; set one with --name") from None
-        self._check_free(name)
+        self._check_free(name, but=but)
         user = req.get("user")
         if user is not None:
             check_user(user)
+        if req.get("group") is not None:
+            check_group(req["group"], user)
         log_dir = os.path.join(cwd, req.get("log_dir") or self.config.paths.log_dir)
         if req.get("log"):
             out_log = err_log = os.path.normpath(os.path.join(cwd, req["log"]))
@@ -413,15 +542,22 @@ class Supervisor:
             err_log = os.path.normpath(os.path.join(log_dir, f"{name}-err.log"))
         self._check_log_paths(name, out_log, err_log)
         rotation = {k: req[k] for k in ("log_max_size", "log_keep", "log_compress") if req.get(k) is not None}
+        restart = req.get("restart") or ("no" if req.get("autorestart") is False else "always")
         spec = {
             "argv": list(argv), "exe": exe, "cwd": cwd, "env": env, "user": user,
             "out_log": out_log, "err_log": err_log,
-            "autorestart": req.get("autorestart", model.SERVICE["autorestart"].default),
+            "restart": restart, "autorestart": restart != "no",
             "min_uptime": req.get("min_uptime", self.config.min_uptime),
             "kill_timeout": req.get("kill_timeout", self.config.kill_timeout),
             "stop_signal": req.get("stop_signal", model.SERVICE["stop_signal"].default),
             **rotation,
         }
+        # The newer fields are stored only when they differ from their defaults (older specs lack them).
+        for key in OPTIONAL_FIELDS:
+            if key in req and req[key] != model.SERVICE[key].default:
+                spec[key] = req[key]
+        # What the user gave, as given (env and argv are the spec's own): diffs and `dump` read it back.
+        spec["fields"] = {k: v for k, v in req.items() if k not in ("env", "argv", "instances")}
         return name, spec
 
     def _check_log_paths(self, name: str, out_log: str, err_log: str) -> None:
@@ -439,10 +575,35 @@ class Supervisor:
                                      f"{name}-out.log and {name}-err.log")
 
     async def create(self, req: dict[str, Any]) -> Service:
+        """Create a service (and start it, unless autostart is false); with `instances` = N, the N services
+        NAME:0 ... NAME:N-1, started at once. Returns the (first) service."""
+        count = req.get("instances", 1)
+        if count == 1 and not req.get("instance_of"):
+            return await self._create_one(req)
+        group = req.get("name") or model.check_name(os.path.basename(req["argv"][0]))
+        self._check_free(group)
+        made = await asyncio.gather(*(self._create_one(dict(req, name=instances.name(group, i), instance_of=group,
+                                                             instance=i, instances=count))
+                                      for i in range(count)), return_exceptions=True)
+        failure = next((m for m in made if isinstance(m, BaseException)), None)
+        if failure is not None:
+            raise failure
+        return made[0]  # type: ignore[return-value]
+
+    async def _create_one(self, req: dict[str, Any]) -> Service:
         name, spec = self.build_spec(req)
+        if "instance_of" in req:
+            spec["instance_of"], spec["instance"] = req["instance_of"], req["instance"]
+            spec["fields"] = {k: v for k, v in spec["fields"].items() if k not in ("instance_of", "instance")}
+            spec["fields"]["name"] = req["instance_of"]
         service_id = await self.persist.commit(lambda: self.store.insert_service(name, spec, Status.STOPPED.value))
         svc = Service(id=service_id, name=name, spec=self._share_env(spec), uid=auth.uid_of_user(spec["user"]))
         self.services[svc.id] = svc
+        if not req.get("autostart", True):
+            svc.desired = "stopped"
+            self._save(svc, "desired")
+            self._event(svc, "create", "created, not started (autostart = false)")
+            return svc
         async with svc.lock:
             try:
                 await self._start(svc, user_initiated=True)
@@ -455,6 +616,129 @@ class Supervisor:
                     log.error("%s: cannot remove the service that failed to start: %s", name, exc.message)
                 raise
         return svc
+
+    async def adopt_existing(self, req: dict[str, Any]) -> tuple[Service, dict[str, Any]]:
+        """POST /v1/adopt (`pmon2 import`, root only): one service taken over from another manager, fields
+        checked by spec.ADOPT_FIELDS. When `pid` still is the process `argv` names (importers.identify,
+        checked after a pidfd pins it), it is adopted in place: same pid, no signal, no restart; its start
+        identity and a launch record are written, and pmond watches it from now on. It carries no
+        PMON2_SERVICE marker, so only the database and the launch record know it. Otherwise the service is
+        started (`start`), unless a live process runs argv[0] (Conflict: probably the same service under
+        other arguments; nothing starts), or it is left stopped. A stranger holding `pid` is never
+        signalled. Returns the service and {"outcome": adopted|started|stopped, "pid", "notes"}."""
+        from pmon2 import importers
+
+        req = dict(req)
+        pid, start, origin = req.pop("pid", None), req.pop("start", False), req.pop("imported_from", None)
+        if origin is not None:
+            key = (origin["tool"], origin["source"], origin["row"])
+            twin = next((s for s in self.services.values() if (o := s.spec.get("imported_from"))
+                         and (o["tool"], o["source"], o["row"]) == key), None)
+            if twin is not None:
+                raise Conflict(f"row {origin['row']} of {origin['source']} is already imported: service {twin.id} "
+                               f"({twin.name})", code="already_imported")
+        notes: list[str] = []
+        pidfd = None
+        found: Any = None
+        facts: Any = None
+        if pid is not None:
+            owner = next((s for s in self.services.values() if s.alive and s.pid == pid), None)
+            if owner is not None:
+                raise Conflict(f"process {pid} is already service {owner.id} ({owner.name})")
+            try:
+                pidfd = os.pidfd_open(pid)  # first: from here on the pid cannot be reused under us
+            except OSError:
+                notes.append(f"no process {pid} runs")
+        try:
+            if pidfd is not None:
+                assert pid is not None
+                found = importers.identify(pid, req["argv"])
+                facts = importers.facts(pid) if found.same else None
+                why = None if found.same else found.why
+                if why is None and watch.has_exited(pidfd):
+                    why = f"process {pid} has just exited"
+                elif why is None and facts.uid is None:
+                    why = f"process {pid} cannot be read"
+                elif why is None and os.geteuid() not in (0, facts.uid):
+                    why = f"process {pid} runs as uid {facts.uid}: only a root pmond can take it over"
+                if why is not None:
+                    notes.append(f"process {pid} not adopted: {why}; it was not signalled")
+                    os.close(pidfd)
+                    pidfd = None
+            boot, now = procfs.boot_id(), time.time()
+            if pidfd is not None:
+                assert pid is not None
+                if facts.cwd is not None:
+                    req["cwd"] = facts.cwd
+                if facts.env is not None:
+                    req["env"] = model.service_env(facts.env)
+                else:
+                    notes.append(f"the environment of process {pid} cannot be read: the one sent is kept")
+                req["user"] = None if facts.uid == os.geteuid() else auth.user_name(facts.uid)
+            elif start:
+                busy = importers.runs_file(req["argv"][0], exclude={s.pid for s in self.services.values()
+                                                                    if s.alive and s.pid is not None})
+                if busy:
+                    raise Conflict(f"{'; '.join(notes) + '; ' if notes else ''}not started: process "
+                                   f"{', '.join(map(str, busy))} runs {req['argv'][0]} with other arguments, "
+                                   "probably this very service: stop it by hand or import it again once it runs "
+                                   "as recorded; nothing was started and nothing signalled")
+            name, spec = self.build_spec(req)
+            spec["imported_from"] = {**(origin or {}), "at": iso(now),
+                                     "adopted_pid": pid if pidfd is not None else None}
+            if pidfd is not None:
+                assert pid is not None and found is not None and found.stat is not None
+                ticks, started = found.stat.starttime, procfs.start_wall_time(found.stat.starttime)
+
+                def insert() -> int:
+                    sid = self.store.insert_service(name, spec, Status.RUNNING.value)
+                    self.store.update_service(sid, pid=pid, start_ticks=ticks, boot_id=boot, started_at=started)
+                    return sid
+
+                sid = await self.persist.commit(insert)
+                svc = Service(id=sid, name=name, spec=self._share_env(spec), uid=auth.uid_of_user(spec["user"]),
+                              status=Status.RUNNING, pid=pid, start_ticks=ticks, boot_id=boot, started_at=started)
+                self.services[sid] = svc
+                try:  # after the row: a record of a service the database lacks would read as a rollback
+                    self.launches.write(LaunchRecord(sid, pid, ticks, boot, name))
+                except OSError as exc:
+                    log.warning("%s: no launch record for adopted process %d: %s", name, pid, exc.strerror)
+                self._watch(svc, pid, pidfd)
+                pidfd = None
+                self._event(svc, "adopt", f"adopted running process {pid} ({found.why}), imported from Pmon2 "
+                            "(Go); it carries no PMON2_SERVICE marker", pid=pid, imported_from=origin)
+                self.rotator.wake()
+                return svc, {"outcome": "adopted", "pid": pid, "notes": notes}
+            if start:
+                sid = await self.persist.commit(lambda: self.store.insert_service(name, spec, Status.STOPPED.value))
+                svc = Service(id=sid, name=name, spec=self._share_env(spec), uid=auth.uid_of_user(spec["user"]))
+                self.services[sid] = svc
+                async with svc.lock:
+                    try:
+                        await self._start(svc, user_initiated=True)
+                    except SpawnError:
+                        self._forget(svc)
+                        with contextlib.suppress(NotSaved):
+                            await self.persist.commit(lambda: self.store.delete_service(sid))
+                        raise
+                self._event(svc, "import", f"imported from Pmon2 (Go) and started: {'; '.join(notes) or 'no process'}",
+                            imported_from=origin)
+                return svc, {"outcome": "started", "pid": svc.pid, "notes": notes}
+
+            def insert_stopped() -> int:
+                sid = self.store.insert_service(name, spec, Status.STOPPED.value)
+                self.store.update_service(sid, desired="stopped")
+                return sid
+
+            sid = await self.persist.commit(insert_stopped)
+            svc = Service(id=sid, name=name, spec=self._share_env(spec), uid=auth.uid_of_user(spec["user"]),
+                          desired="stopped")
+            self.services[sid] = svc
+            self._event(svc, "import", "imported from Pmon2 (Go), left stopped", imported_from=origin)
+            return svc, {"outcome": "stopped", "pid": None, "notes": notes}
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
 
     # the process lifecycle
 
@@ -475,10 +759,11 @@ class Supervisor:
 
     def _launch_spec(self, svc: Service) -> spawn.LaunchSpec:
         s = svc.spec
-        return spawn.LaunchSpec(exe=s["exe"], argv=s["argv"], cwd=s["cwd"], env=s["env"],
+        argv, env = instances.launch_values(s)
+        return spawn.LaunchSpec(exe=s["exe"], argv=argv, cwd=s["cwd"], env=env,
                                 out_log=s["out_log"], err_log=s["err_log"], user=s["user"],
                                 trusted_log_dir=self.config.paths.log_dir,
-                                marker=f"{getattr(self, 'instance_id', '')}:{svc.id}")
+                                marker=f"{getattr(self, 'instance_id', '')}:{svc.id}", group=s.get("group"))
 
     async def _start(self, svc: Service, *, user_initiated: bool, restart: bool = False,
                      pending: spawn.Pending | None = None) -> None:
@@ -512,6 +797,8 @@ class Supervisor:
         self._event(svc, "restart" if restart else "start", f"started process {launched.pid}",
                     pid=launched.pid, restarts=svc.restarts)
         self.rotator.wake()
+        if svc.status is Status.STARTING:
+            self._spawn_task(self._await_ready(svc, svc.generation))
 
     def _watch(self, svc: Service, pid: int, pidfd: int) -> None:
         svc.pidfd = pidfd
@@ -545,8 +832,12 @@ class Supervisor:
             self._transition(svc, Trigger.STOPPED)
             self._save(svc, "status", "pid", "started_at", "last_exit")
             return ev, runtime
+        svc.status_known = asyncio.Event()
         retry_in = self._transition(svc, Trigger.EXIT, runtime=runtime)
         svc.retry_at = now + retry_in if retry_in is not None else None
+        if svc.status is Status.BACKOFF and retry_in is None:
+            # restart = "on-failure": the decision waits for the exit status (exit_status_wait at most).
+            self._spawn_task(self._decide_on_status(svc, svc.generation, runtime))
         if retry_in == 0:
             # The new process first, the ledger after: the launch runs while the rows are written.
             pending = None
@@ -557,12 +848,62 @@ class Supervisor:
             self._spawn_task(self._auto_start(svc, svc.generation, restart=True, pending=pending))
         ev = self._exit_event(svc, pid, runtime)
         self._save(svc, "status", "pid", "started_at", "last_exit", "fast_exits", "retry_at")
+        self._after_decision(svc, retry_in)
+        return ev, runtime
+
+    def _after_decision(self, svc: Service, retry_in: float | None) -> None:
         if retry_in is not None and retry_in > 0:
             self._event(svc, "backoff", words.backoff_message(svc.fast_exits, svc.policy.min_uptime, retry_in),
-                        delay_s=retry_in,
-                        fast_exits=svc.fast_exits)
+                        delay_s=retry_in, fast_exits=svc.fast_exits)
             self._schedule_retry(svc, retry_in)
-        return ev, runtime
+        elif svc.status is Status.ERRORED:
+            self._event(svc, "give_up", f"gave up after {svc.fast_exits - 1} fast restarts in a row "
+                        f"(max_restarts = {svc.spec.get('max_restarts')}); `pmon2 start` tries again",
+                        fast_exits=svc.fast_exits)
+
+    async def _decide_on_status(self, svc: Service, gen: int, runtime: float | None) -> None:
+        """restart = "on-failure": wait for the exit status, then restart or not. A status still unknown
+        after exit_status_wait counts as a failure (the service is started again)."""
+        try:
+            await asyncio.wait_for(svc.status_known.wait(), svc.spec.get("exit_status_wait", 3.0))
+        except TimeoutError:
+            pass
+        if svc.id not in self.services or svc.generation != gen or svc.status is not Status.BACKOFF \
+                or svc.retry_at is not None:
+            return
+        last = svc.last_exit or {}
+        failed = last.get("code") not in svc.spec.get("success_exit_codes", [0])
+        retry_in = self._transition(svc, Trigger.STATUS, runtime=runtime, failed=failed)
+        svc.retry_at = time.time() + retry_in if retry_in is not None else None
+        self._save(svc, "status", "fast_exits", "retry_at")
+        if retry_in == 0:
+            self._spawn_task(self._auto_start(svc, gen, restart=True))
+        self._after_decision(svc, retry_in)
+
+    async def _await_ready(self, svc: Service, gen: int) -> None:
+        """Run the readiness check (`ready`) of a process that just started: `running` once it passes; a
+        failed start past start_timeout (the process is killed, and the restart policy decides)."""
+        from pmon2.daemon import probes
+
+        spec = svc.spec
+        pidfd = svc.pidfd
+        try:
+            probe = probes.parse(spec["ready"])
+        except ValueError as exc:
+            result = probes.Result(False, str(exc))
+        else:
+            result = await probes.wait_ready(probe, deadline_s=spec.get("start_timeout", 90.0), stop=svc.exited,
+                                             env=instances.launch_values(spec)[1], cwd=spec["cwd"])
+        if svc.id not in self.services or svc.generation != gen or svc.status is not Status.STARTING:
+            return
+        if result.ok:
+            self._transition(svc, Trigger.READY)
+            self._save(svc, "status")
+            self._event(svc, "ready", f"ready: {result.detail}")
+            return
+        self._event(svc, "start_failed", f"not ready: {result.detail}")
+        if pidfd is not None and svc.pid is not None:
+            watch.signal_group(pidfd, svc.pid, signal.SIGKILL)  # its exit goes through the policy
 
     def _exit_event(self, svc: Service, pid: int, runtime: float | None) -> int | None:
         return self._event(svc, "exit", words.exit_message(pid, {"source": "pending", "runtime_s": runtime}),
@@ -582,6 +923,7 @@ class Supervisor:
         if svc.last_exit is not None and svc.last_exit.get("pid") == pid and svc.id in self.services:
             svc.last_exit.update(info)
             self._save(svc, "last_exit")
+            svc.status_known.set()
 
     def _kill_leftovers(self, svc: Service, pgid: int, pidfd: int) -> None:
         """SIGKILL what is left of the group the exited main process led, through its pidfd (which the
@@ -714,12 +1056,12 @@ class Supervisor:
         return svc
 
     async def reload(self, ref: str, sig_name: str | None) -> tuple[Service, str]:
-        sig = parse_signal(sig_name or "USR2")
         svc = self.find(ref)
+        sig = parse_signal(sig_name or svc.spec.get("reload_signal") or "USR2")
         if svc.status is Status.STOPPING:
             raise Conflict(f"{svc.name} is stopping; reload refused")
         async with svc.lock:
-            if not svc.alive or svc.status is not Status.RUNNING:
+            if not svc.alive or svc.status not in (Status.RUNNING, Status.STARTING):
                 raise Conflict(f"{svc.name} is not running ({svc.status}); start it first")
             assert svc.pidfd is not None
             if not watch.send_signal(svc.pidfd, sig):
@@ -799,24 +1141,27 @@ class Supervisor:
 
     # views
 
-    def view(self, svc: Service, detail: bool = False, show_env: bool = False) -> dict[str, Any]:
+    def view(self, svc: Service, detail: bool = False, show_env: bool = False, scan: Any = None) -> dict[str, Any]:
         """A service as the API shows it. Its environment is masked (spec.mask_env) unless `show_env`,
-        which the API grants only to root and the service's own user."""
+        which the API grants only to root and the service's own user. `scan` (a usage.Scan) is the one
+        look at /proc that all the views of a request share (`ls`: one for all services)."""
         now = time.time()
-        cpu, mem = self._usage(svc)
+        usage = self._usage(svc, scan)
         s = svc.spec
         out: dict[str, Any] = {
             "id": svc.id, "name": svc.name, "pid": svc.pid if svc.alive else None,
             "user": s["user"] or current_user(), "argv": s["argv"], "cwd": s["cwd"],
             "status": svc.status.value, "desired": svc.desired, "restarts": svc.restarts,
             "uptime_s": round(now - svc.started_at, 3) if svc.alive and svc.started_at else None,
-            "cpu_percent": cpu, "mem_bytes": mem,
+            **usage,
             "started_at": iso(svc.started_at) if svc.alive else None,
             "retry_at": iso(svc.retry_at) if svc.status is Status.BACKOFF else None,
             "retry_in_s": max(0.0, round(svc.retry_at - now, 3))
             if svc.status is Status.BACKOFF and svc.retry_at else None,
             "last_exit": public_exit(svc.last_exit), "last_error": svc.last_error,
-            "autorestart": s["autorestart"], "out_log": s["out_log"], "err_log": s["err_log"],
+            "autorestart": s["autorestart"], "restart": restart_mode(s), "out_log": s["out_log"],
+            "err_log": s["err_log"], "instance_of": s.get("instance_of"), "instance": s.get("instance"),
+            "tags": s.get("tags", []), "source": s.get("source"),
         }
         if detail:
             try:
@@ -829,26 +1174,22 @@ class Supervisor:
                     "exe": s["exe"], "env": s["env"] if show_env else model.mask_env(s["env"]),
                     "env_masked": not show_env, "min_uptime": s["min_uptime"],
                     "kill_timeout": s["kill_timeout"], "stop_signal": s["stop_signal"],
-                    "fast_exits": svc.fast_exits, "recent_exits": recent}
+                    "fast_exits": svc.fast_exits, "recent_exits": recent, "imported_from": s.get("imported_from")}
+            out |= {k: s.get(k, model.SERVICE[k].default) for k in OPTIONAL_FIELDS if k not in ("tags", "source")}
         return out
 
-    def _usage(self, svc: Service) -> tuple[float | None, int | None]:
+    def _usage(self, svc: Service, scan: Any = None) -> dict[str, Any]:
+        """CPU and memory of the whole service (all the processes of its session) and of its main process
+        alone (daemon/usage.py); every field None while it does not run."""
+        from pmon2.daemon import usage
+
         if not svc.alive or svc.pid is None:
-            return None, None
-        st = procfs.read_stat(svc.pid)
-        if st is None or not st.alive:
-            return None, None
-        now = time.monotonic()
-        cpu_s = st.cpu_seconds
-        prev = svc.cpu_sample
-        svc.cpu_sample = (cpu_s, now)
-        if prev is not None and now - prev[1] >= 0.2:
-            pct = 100.0 * (cpu_s - prev[0]) / (now - prev[1])
-        else:
-            # No recent sample: the average over the process's life so far.
-            age = time.time() - svc.started_at if svc.started_at else 0.0
-            pct = 100.0 * cpu_s / age if age > 0 else 0.0
-        return round(max(pct, 0.0), 1), st.rss_bytes
+            return dict.fromkeys(usage.FIELDS)
+        got = (scan or usage.SAMPLER.shared_scan()).usage(svc.pid, svc.cpu_sample)
+        if got is None:
+            return dict.fromkeys(usage.FIELDS)
+        figures, svc.cpu_sample = got
+        return figures.as_dict()
 
     def daemon_status(self) -> dict[str, Any]:
         counts: dict[str, int] = {}
@@ -880,6 +1221,63 @@ def resolve_executable(cmd: str, cwd: str, path_var: str) -> str:
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return os.path.normpath(candidate)
     raise SpawnError(f"command not found: {cmd} (not in PATH; give a path such as ./{cmd})")
+
+
+# Fields stored in a spec only when they differ from their defaults (specs written before them lack them).
+OPTIONAL_FIELDS = ("group", "success_exit_codes", "exit_status_wait", "max_restarts", "backoff_base", "backoff_cap",
+                   "reload_signal", "port", "tags", "ready", "start_timeout", "depends_on", "source")
+# A change of these takes effect at the next start: `update` says a restart is needed.
+RESTART_FIELDS = frozenset({"argv", "cwd", "env", "user", "group", "log", "log_dir", "port", "ready"})
+
+
+async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
+    tasks = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def legacy_fields(spec: dict[str, Any], name: str) -> dict[str, Any]:
+    """Request fields for a spec stored before specs kept them (what `run` gave, as near as it can be
+    told): the log paths are given back as `log` when stdout and stderr share a file."""
+    out: dict[str, Any] = {"name": name, "cwd": spec["cwd"], "user": spec.get("user"),
+                           "restart": restart_mode(spec), "min_uptime": spec["min_uptime"],
+                           "kill_timeout": spec["kill_timeout"], "stop_signal": spec["stop_signal"]}
+    if spec["out_log"] == spec["err_log"]:
+        out["log"] = spec["out_log"]
+    else:
+        out["log_dir"] = os.path.dirname(spec["out_log"])
+    out.update({k: spec[k] for k in ("log_max_size", "log_keep", "log_compress", *OPTIONAL_FIELDS) if k in spec})
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def restart_mode(spec: dict[str, Any]) -> str:
+    """A stored spec's restart mode; specs from before `restart` have only `autorestart`."""
+    return spec.get("restart") or ("always" if spec.get("autorestart", True) else "no")
+
+
+def check_group(group: str, user: str | None) -> None:
+    import grp
+
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise SpawnError(f"no such group: {group}") from None
+    if os.geteuid() != 0 and gid not in os.getgroups() and gid != os.getegid():
+        raise SpawnError(f"--group {group} needs pmond to run as root")
+    caller = auth.CALLER.get()
+    if caller is not None and not caller.privileged:
+        import pwd
+
+        name = user or auth.user_name(caller.uid)
+        try:
+            primary = pwd.getpwnam(name).pw_gid
+        except KeyError:
+            primary = -1
+        if gid != primary and gid not in os.getgrouplist(name, primary if primary >= 0 else gid):
+            raise auth.Forbidden(f"group: {name} is not a member of {group}")
 
 
 def check_user(user: str) -> None:

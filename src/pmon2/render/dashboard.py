@@ -87,7 +87,8 @@ class Dashboard(App[None]):
 
     async def on_mount(self) -> None:
         table = self.query_one(DataTable)
-        table.add_columns("id", "name", "status", "pid", "↺", "up", "cpu", "cpu 12s", "mem")
+        # cpu and mem: the whole service, all its processes (memory as PSS); procs: how many.
+        table.add_columns("id", "name", "status", "pid", "↺", "up", "cpu", "cpu 12s", "mem", "procs")
         await self.refresh_data()
         self.set_interval(self.interval, self.refresh_data)
 
@@ -117,7 +118,7 @@ class Dashboard(App[None]):
             table.add_row(str(svc["id"]), svc["name"], f"[{color}]{status_text(svc)}[/{color}]",
                           str(svc["pid"] or "-"), str(svc["restarts"]), human_duration(svc.get("uptime_s")),
                           "-" if cpu is None else f"{cpu:.1f}%", sparkline(self.cpu_history[svc["id"]]),
-                          human_bytes(svc.get("mem_bytes")), key=str(svc["id"]))
+                          human_bytes(svc.get("mem_bytes")), str(svc.get("processes") or "-"), key=str(svc["id"]))
         ids = [s["id"] for s in self.services]
         if keep in ids:
             table.move_cursor(row=ids.index(keep))
@@ -144,7 +145,11 @@ class Dashboard(App[None]):
             log.clear()
             self.shown_log = []
             return
-        status.update(f"[b]{svc['name']}[/b]  {' '.join(svc['argv'])[:50]}  "
+        main = ""
+        if (svc.get("processes") or 0) > 1 and svc.get("main_cpu_percent") is not None:
+            main = (f"main process {svc['main_cpu_percent']:.1f}% {human_bytes(svc.get('main_mem_bytes'))}"
+                    f" of {svc['processes']}  ")
+        status.update(f"[b]{svc['name']}[/b]  {' '.join(svc['argv'])[:50]}  {main}"
                       f"[dim]last exit: {describe_exit(svc.get('last_exit'))}[/dim]")
         lines = await asyncio.to_thread(self._log_lines, svc)
         if lines != self.shown_log:

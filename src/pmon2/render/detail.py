@@ -27,8 +27,41 @@ def env_lines(env: dict[str, str]) -> list[str]:
     return [f"{k}={v}" for k, v in sorted(env.items())]
 
 
+MEM_SOURCE = {"pss": "PSS", "rss": "RSS (smaps_rollup unreadable)",
+              "mixed": "PSS, RSS where smaps_rollup is unreadable"}
+
+
+def usage_text(svc: dict[str, Any]) -> tuple[str, str]:
+    """The cpu and memory lines: the whole service (all its processes), and its main process alone when it
+    has others."""
+    cpu, mem, n = svc.get("cpu_percent"), svc.get("mem_bytes"), svc.get("processes")
+    if cpu is None or mem is None:
+        return "-" if cpu is None else f"{cpu:.1f}%", human_bytes(mem)
+    source = MEM_SOURCE.get(svc.get("mem_source") or "", "")
+    memory = f"{human_bytes(mem)} {source}".rstrip()
+    if not n or n < 2:
+        return f"{cpu:.1f}%", memory
+    main_cpu, main_mem = svc.get("main_cpu_percent"), svc.get("main_mem_bytes")
+    main_cpu_text = "-" if main_cpu is None else f"{main_cpu:.1f}%"
+    return (f"{cpu:.1f}% over {n} processes (main process {main_cpu_text})",
+            f"{memory} over {n} processes (main process {human_bytes(main_mem)} RSS)")
+
+
+def imported_text(svc: dict[str, Any]) -> str:
+    """`imported_from` (pmon2 import): where from, when, and whether the process is the adopted one, which
+    carries no PMON2_SERVICE marker."""
+    o = svc["imported_from"]
+    tool = {"pmon2-go": "Pmon2 (Go)"}.get(o.get("tool"), o.get("tool"))
+    text = f"imported from {tool} on {(o.get('at') or '?')[:10]} (row {o.get('row')} of {o.get('source')}"
+    text += f", named {o['name']!r} there)" if o.get("name") and o["name"] != svc["name"] else ")"
+    if o.get("adopted_pid") and o["adopted_pid"] == svc.get("pid"):
+        text += (f"; process {o['adopted_pid']} adopted without a marker (no PMON2_SERVICE in its environment): "
+                 "pmond knows it from its database and launch record only")
+    return text
+
+
 def render_detail(svc: dict[str, Any], color: bool) -> str:
-    cpu = svc.get("cpu_percent")
+    cpu, memory = usage_text(svc)
     restart = "on exit" if svc.get("autorestart") else "never (--no-autorestart)"
     rows: list[tuple[str, str]] = [
         ("status", paint(status_text(svc), STATUS_STYLE.get(svc["status"]), color)),
@@ -41,8 +74,8 @@ def render_detail(svc: dict[str, Any], color: bool) -> str:
         ("started", svc.get("started_at") or "-"),
         ("uptime", human_duration(svc.get("uptime_s"))),
         ("restarts", str(svc["restarts"])),
-        ("cpu", "-" if cpu is None else f"{cpu:.1f}%"),
-        ("memory", human_bytes(svc.get("mem_bytes"))),
+        ("cpu", cpu),
+        ("memory", memory),
         ("restart policy", f"{restart}; backoff after runs shorter than {svc.get('min_uptime', 1):g} s"),
         ("stop", f"{svc.get('stop_signal', 'SIGTERM')}, SIGKILL after {svc.get('kill_timeout', 5):g} s"),
         ("last exit", describe_exit(svc.get("last_exit"))),
@@ -52,6 +85,8 @@ def render_detail(svc: dict[str, Any], color: bool) -> str:
         rows.append(("earlier exits" if i == 0 else "", paint(describe_exit(item), "grey", color)))
     if svc.get("last_error"):
         rows.append(("last error", svc["last_error"]))
+    if svc.get("imported_from"):
+        rows.append(("imported", imported_text(svc)))
     if svc["status"] == "backoff" and svc.get("retry_at"):
         rows.append(("next attempt", svc["retry_at"]))
     rows += [("stdout log", svc["out_log"]), ("stderr log", svc["err_log"])]

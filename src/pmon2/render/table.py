@@ -24,9 +24,10 @@ class Column:
         self.min_width = min_width
 
 
+# cpu and mem are the whole service's (all its processes, memory as PSS); procs counts those processes.
 COLUMNS = (Column("id", ">"), Column("name", shrink=True, min_width=6), Column("pid", ">"),
            Column("status"), Column("↺", ">"), Column("uptime", ">"), Column("cpu", ">"),
-           Column("mem", ">"), Column("user", shrink=True, min_width=4))
+           Column("mem", ">"), Column("procs", ">"), Column("user", shrink=True, min_width=4))
 
 
 def status_text(svc: dict[str, Any]) -> str:
@@ -37,9 +38,10 @@ def status_text(svc: dict[str, Any]) -> str:
 
 def service_row(svc: dict[str, Any]) -> list[str]:
     cpu = svc.get("cpu_percent")
+    procs = svc.get("processes")
     return [str(svc["id"]), svc["name"], str(svc["pid"]) if svc.get("pid") else "-", status_text(svc),
             str(svc["restarts"]), human_duration(svc.get("uptime_s")), "-" if cpu is None else f"{cpu:.1f}%",
-            human_bytes(svc.get("mem_bytes")), svc.get("user") or "-"]
+            human_bytes(svc.get("mem_bytes")), "-" if procs is None else str(procs), svc.get("user") or "-"]
 
 
 def fit(widths: list[int], columns: Sequence[Column], max_width: int) -> list[int]:
@@ -57,7 +59,7 @@ def fit(widths: list[int], columns: Sequence[Column], max_width: int) -> list[in
 
 
 # On a narrow terminal, these columns go first, in this order, once names are cut to their minimum.
-DROP_ORDER = ("user", "uptime", "mem", "cpu", "↺")
+DROP_ORDER = ("procs", "user", "uptime", "mem", "cpu", "↺")
 
 
 def table_width(widths: list[int]) -> int:
