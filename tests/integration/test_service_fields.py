@@ -162,3 +162,40 @@ def test_dependencies_and_new_fields_round_trip_in_desc(pmon: Any) -> None:
     assert json.loads(pmon.run("desc", "app", "--json").stdout)["restart"] == "always"
     os.kill(app["pid"], signal.SIGKILL)
     pmon.wait_service("app", lambda s: s["restarts"] == 1, what="restarted")
+
+
+def test_start_and_stop_all_follow_depends_on(pmon: Any) -> None:
+    stamp = pmon.work / "order"
+    port = free_port()
+    db = pmon.script("db.py", f"""
+        import socket, time
+        time.sleep(0.8)
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", {port}))
+        s.listen()
+        open({str(stamp)!r}, "a").write("db-ready\\n")
+        while True:
+            c, _ = s.accept()
+            c.close()
+    """)
+    app = pmon.script("app.py", f"""
+        import signal, sys, time
+        open({str(stamp)!r}, "a").write("app-start\\n")
+        def term(*_):
+            open({str(stamp)!r}, "a").write("app-stop\\n")
+            sys.exit(0)
+        signal.signal(signal.SIGTERM, term)
+        while True:
+            time.sleep(0.1)
+    """)
+    client = api(pmon)
+    client.request("POST", "/v1/services", {"argv": [str(db)], "cwd": str(pmon.work), "name": "db",
+                                            "ready": f"tcp://127.0.0.1:{port}", "autostart": False})
+    client.request("POST", "/v1/services", {"argv": [str(app)], "cwd": str(pmon.work), "name": "app",
+                                            "depends_on": {"db": "ready"}, "autostart": False})
+    pmon.run("start", "all")
+    pmon.wait_for(lambda: len(stamp.read_text().splitlines()) == 2, message="app to write its start")
+    assert stamp.read_text().splitlines() == ["db-ready", "app-start"]  # app started once db was ready
+    pmon.run("stop", "all")
+    assert stamp.read_text().splitlines()[-1] == "app-stop"

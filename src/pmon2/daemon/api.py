@@ -13,7 +13,7 @@ from typing import Any
 
 from pmon2 import spec as model
 from pmon2.daemon import auth
-from pmon2.daemon.apply import Apply
+from pmon2.daemon.apply import Apply, find_cycles
 from pmon2.daemon.auth import Caller, Forbidden
 from pmon2.daemon.logread import LogApi
 from pmon2.daemon.server import unquote
@@ -23,6 +23,49 @@ from pmon2.errors import BadRequest, NotFound, PmonError
 Handler = Callable[..., Awaitable[tuple[int, Any]]]
 # (method, path pattern, body fields, query fields, handler)
 Route = tuple[str, re.Pattern[str], tuple[model.Field, ...], tuple[model.Field, ...], Handler]
+
+
+async def in_dependency_order(sup: Supervisor, services: list[Any], action: str,
+                              act: Callable[[Any], Awaitable[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Run `act` on every service at once, except where depends_on orders them: a start or restart of X
+    waits until each dependency selected with it meets X's condition (started, ready, completed); a stop
+    or delete of a dependency waits until its selected dependents are stopped (the reverse order, as
+    process-compose and systemd do). Results in id order."""
+    groups = {svc.group for svc in services}
+    deps = {svc.id: {d: c for d, c in svc.spec.get("depends_on", {}).items() if d in groups} for svc in services}
+    if action not in ("start", "restart", "stop", "delete") or not any(deps.values()):
+        return list(await asyncio.gather(*(act(svc) for svc in services)))
+    graph: dict[str, list[str]] = {g: [] for g in groups}
+    for svc in services:
+        graph[svc.group] = sorted(set(graph[svc.group]) | set(deps[svc.id]))
+    cycles = find_cycles(graph)
+    if cycles:
+        raise BadRequest("depends_on has a cycle: " + "; ".join(" -> ".join(c) for c in cycles))
+    done: dict[str, asyncio.Event] = {g: asyncio.Event() for g in groups}
+    remaining = {g: sum(1 for s in services if s.group == g) for g in groups}
+    forward = action in ("start", "restart")
+
+    async def one(svc: Any) -> dict[str, Any]:
+        try:
+            if forward:
+                for dep, condition in deps[svc.id].items():
+                    for other in [s for s in services if s.group == dep]:
+                        await done[dep].wait()
+                        await sup.wait_for(other, condition, other.spec.get("start_timeout", 90.0))
+            else:  # wait for the selected services that depend on this one
+                for other in services:
+                    if svc.group in deps[other.id]:
+                        await done[other.group].wait()
+            return await act(svc)
+        except PmonError as exc:
+            return {"id": svc.id, "name": svc.name, "ok": False,
+                    "error": {"code": exc.code, "message": f"dependency not met: {exc.message}"}}
+        finally:
+            remaining[svc.group] -= 1
+            if remaining[svc.group] == 0:
+                done[svc.group].set()
+
+    return list(await asyncio.gather(*(one(svc) for svc in services)))
 
 
 class Api:
@@ -226,8 +269,8 @@ class Api:
                     return {"id": svc.id, "name": svc.name, "ok": False,
                             "error": {"code": exc.code, "message": exc.message}}
 
-            results = await asyncio.gather(*(guarded(svc) for svc in services))
-            return 200, {"results": list(results)}
+            results = await in_dependency_order(self.sup, services, action, guarded)
+            return 200, {"results": results}
         return run
 
     def _own(self, ref: str, caller: Caller) -> str:
