@@ -5,7 +5,8 @@ POST /v1/apply; render the plan pmond answers; write `dump` as TOML; generate do
 The CLI reads the file and every env_file with the caller's rights, so pmond never opens a user's file as
 root. Every field is checked by `spec` (Field.validate, check_body); this module only finds the values,
 and says where each problem is: `FILE:LINE: services.web.instances: must be a whole number from 1 to 1000`.
-PyYAML, python-dotenv and tomli-w are imported only by the paths that need them.
+PyYAML and python-dotenv are imported only by the paths that need them; TOML is read by tomllib and
+written here (arrays on one line, which tomli-w does not do).
 """
 
 from __future__ import annotations
@@ -573,7 +574,11 @@ def _environment(r: _Reader, where: Path, items: dict[str, tuple[Any, Path]],
     # [defaults] env under the service's env, key by key; each table checked where it was written
     layers = []
     for value, path in env_layers:
-        good, value = r.check(spec.SERVICE["env"], value, path)
+        if isinstance(value, dict):  # each variable first, so that a problem has the variable's own line
+            good = all([r.check(spec.SERVICE["env"], {k: v}, (*path, k))[0] for k, v in value.items()])
+            good = good and r.check(spec.SERVICE["env"], value, path)[0]
+        else:
+            good = r.check(spec.SERVICE["env"], value, path)[0]
         if good:
             good, value = r.expand(value, path, per_instance=True)
         ok = ok and good
@@ -688,12 +693,39 @@ def dump_services(services: list[dict[str, Any]]) -> dict[str, Any]:
     return {"defaults": {"inherit_env": False}, "services": table}
 
 
-def dump_toml(answer: dict[str, Any], masked: bool, who: str = "this pmond") -> str:
-    import tomli_w
+def toml_value(value: Any) -> str:
+    """One value as TOML: strings as basic strings (JSON's escapes are TOML's; DEL must be escaped too),
+    lists and tables inline."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + " }" if value else "{}"
+    raise TypeError(f"no TOML for {type(value).__name__}")
 
+
+def toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else toml_value(key)
+
+
+def dump_toml(answer: dict[str, Any], masked: bool, who: str = "this pmond") -> str:
+    """Today's services as TOML: a table per service, its env as a table of its own, arrays on one line."""
     data = dump_services(answer.get("services", []))
-    head = DUMP_HEADER.format(who=who) + (MASKED_HEADER if masked else "")
-    return head + "\n" + tomli_w.dumps(data)
+    out = [DUMP_HEADER.format(who=who) + (MASKED_HEADER if masked else ""), "[defaults]", "inherit_env = false"]
+    def table(header: str, items: dict[str, Any]) -> list[str]:
+        return ["", header, *(f"{toml_key(k)} = {toml_value(v)}" for k, v in items.items())]
+
+    for name, fields in data["services"].items():
+        env = fields.pop("env", None)
+        out += table(f"[services.{toml_key(name)}]", fields)
+        if env:
+            out += table(f"[services.{toml_key(name)}.env]", env)
+    return "\n".join(out) + "\n"
 
 
 # docs/app-file.md, generated from the spec model (tests/unit/test_appfile.py keeps the file in sync)

@@ -45,9 +45,18 @@ EXAMPLES = {
     "startup": "pmon2 startup            # root: system unit; others: systemctl --user unit\n"
                "  pmon2 startup --print    # only show the unit",
     "unstartup": "pmon2 unstartup",
+    "apply": "pmon2 apply pmon2.toml\n  pmon2 apply pmon2.toml --dry-run    # the plan alone\n"
+             "  pmon2 apply deploy/app.yaml --prune  # also remove what left the file",
+    "dump": "pmon2 dump > pmon2.toml\n  pmon2 dump --masked    # secret values as ***",
+    "schema": "pmon2 schema > pmon2.schema.json\n  pmon2 schema --format markdown   # docs/app-file.md",
+    "update": "pmon2 update api --env LOG_LEVEL=debug --restart\n  pmon2 update api --kill-timeout 30\n"
+              "  pmon2 update api --args \"--port 9090\"\n  pmon2 update api -- ./bin/api2 --port 9090",
+    "scale": "pmon2 scale web 6\n  pmon2 scale web 1",
     "import": "pmon2 import pmon2-go --dry-run    # what would happen, changing nothing\n"
               "  pmon2 import pmon2-go --stop-old   # stop the Go pmond (not its services), take them over\n"
-              "  pmon2 import pmon2-go /etc/pmon2/data/db/data.db --json",
+              "  pmon2 import pmon2-go /etc/pmon2/data/db/data.db --json\n"
+              "  pmon2 import ecosystem.config.js --env production   # or .json/.yaml, supervisord.conf, Procfile\n"
+              "  pmon2 import /etc/supervisor/supervisord.conf --to pmon2.toml   # write an app file, apply nothing",
 }
 
 # Flags of `run`: name -> (destination, takes a value). Long ones are recognised anywhere on the
@@ -60,11 +69,12 @@ RUN_FLAGS: dict[str, tuple[str, bool]] = {
     "--log-max-size": ("log_max_size", True), "--log-keep": ("log_keep", True),
     "--log-compress": ("log_compress", False), "--json": ("json", False),
     "--env": ("env", True), "--env-clear": ("env_clear", False), "--cwd": ("cwd", True),
+    "--env-file": ("env_file", True),
     "--group": ("group", True), "--restart": ("restart", True), "--max-restarts": ("max_restarts", True),
     "--reload-signal": ("reload_signal", True), "--instances": ("instances", True), "--port": ("port", True),
     "--tag": ("tags", True), "--ready": ("ready", True), "--no-autostart": ("no_autostart", False),
 }
-REPEATABLE = {"env", "tags"}
+REPEATABLE = {"env", "tags", "env_file"}
 # Flags added since `run` took long flags anywhere: only before the command, since services commonly take
 # --port, --env or --group of their own.
 BEFORE_ONLY = {"--env", "--env-clear", "--env-file", "--cwd", "--group", "--restart", "--max-restarts",
@@ -192,12 +202,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError("a command is needed: pmon2 run ./bin/app [args...] [--name NAME]")
     from pmon2 import spec
 
-    env = {} if opts.get("env_clear") else spec.service_env(os.environ)
-    for item in opts.get("env", []):
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise UsageError(f"--env {item!r}: use KEY=VALUE")
-        env[key] = value
+    env = _env_changes(opts, spec.service_env(os.environ))  # --env-clear, --env-file F, --env K=V
     cwd = os.path.abspath(opts["cwd"]) if opts.get("cwd") else os.getcwd()  # relative: to the caller's cwd
     body: dict[str, Any] = {"argv": argv, "cwd": cwd, "env": env}
     if opts.get("no_autorestart"):
@@ -275,6 +280,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
+    if getattr(args, "update_env", False):
+        return _restart_update_env(args)
     return _batch("restart", args.service, lambda s: f"{s['name']} restarted (pid {s['pid']})")
 
 
@@ -489,9 +496,75 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    if args.source != "pmon2-go":
+        return _import_file(args)
     from pmon2.importers import pmon2_go
 
     return pmon2_go.run(args, _client, _say, lambda text: sys.stderr.write(text + "\n"), _print_json)
+
+
+def _import_file(args: argparse.Namespace) -> int:
+    """`pmon2 import FILE`: convert a pm2, supervisor or Procfile file (pmon2.importers), report what did not
+    map, then write it as TOML (--to) or apply it as `pmon2 apply` does (the source recorded is FILE)."""
+    import tempfile
+
+    from pmon2 import appfile
+    from pmon2.importers import formats
+    from pmon2.render.words import plural
+
+    if args.path is not None or args.stop_old:
+        raise UsageError(f"{args.path or '--stop-old'}: only for `pmon2 import pmon2-go`")
+    fmt, document, unmapped = formats.convert(args.source, env_name=args.env)
+    source = os.path.abspath(args.source)
+    names = list(document["services"])
+    report: dict[str, Any] = {"file": source, "format": fmt, "services": names,
+                              "unmapped": [{"key": k, "why": w} for k, w in unmapped]}
+    if not args.json:
+        _say(f"{args.source}: {formats.FORMAT_NAMES[fmt]}, {plural(len(names), 'service')}: {', '.join(names)}")
+        for key, why in unmapped:
+            _say(f"  not mapped: {key}: {why}")
+    comments = [f"Imported by `pmon2 import` from {source} ({formats.FORMAT_NAMES[fmt]}).",
+                *(["What did not map:"] if unmapped else []), *(f"  {k}: {w}" for k, w in unmapped)]
+    text = formats.to_toml(document, comments)
+    out = os.path.abspath(args.to) if args.to else None
+    with tempfile.TemporaryDirectory(prefix="pmon2-import-") as tmp:
+        draft = os.path.join(tmp, os.path.basename(out) if out and out.endswith(".toml") else "pmon2.toml")
+        with open(draft, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        try:  # the checks of `pmon2 apply`, before anything is written or sent
+            body = appfile.load(draft, dry_run=args.dry_run)
+        except appfile.AppFileError as exc:
+            for problem in exc.problems:
+                sys.stderr.write(f"{str(problem).replace(draft, source + ' (converted)')}\n")
+            sys.stderr.write(f"pmon2: {plural(len(exc.problems), 'problem')} in what {args.source} converts to: "
+                             "nothing was written or applied\n")
+            return 2
+        if out is not None:
+            if os.path.isdir(out):
+                raise UsageError(f"--to {args.to}: is a directory; name the file, such as pmon2.toml")
+            if args.dry_run:
+                sys.stdout.write(text)
+                return 0
+            partial = f"{out}.{os.getpid()}.part"
+            with open(partial, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.replace(partial, out)
+            report["written"] = out
+            if args.json:
+                _print_json(report)
+            else:
+                _say(f"wrote {args.to}; `pmon2 apply {args.to}` runs it")
+            return 0
+    body["source"] = source  # so that pmond ties the services to FILE: a new import of it replaces them
+    answer = _new_endpoint(_client(), "POST", "/v1/apply", body)
+    if args.json:
+        _print_json({**report, "apply": answer})
+    else:
+        lines, errors = appfile.render_plan(answer, body["services"], args.dry_run)
+        _say("\n".join(lines))
+        for line in errors:
+            sys.stderr.write(line + "\n")
+    return 1 if appfile.failed(answer) else 0
 
 
 def cmd_startup(args: argparse.Namespace) -> int:
@@ -531,6 +604,261 @@ def _wait_gone(pid: int, timeout: float) -> None:
         os.close(fd)
 
 
+# services as code (issue 12): app files, dump, schema, update, scale
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    """Check the whole file here (every problem, with its line), then send the resolved services; pmond
+    plans and applies. Exit 2 for a bad file (nothing sent), 1 when a service of the plan failed."""
+    from pmon2 import appfile
+    from pmon2.render.words import plural
+
+    try:
+        body = appfile.load(args.file, prune=args.prune, dry_run=args.dry_run)
+    except appfile.AppFileError as exc:
+        for problem in exc.problems:
+            sys.stderr.write(f"{problem}\n")
+        sys.stderr.write(f"pmon2: {plural(len(exc.problems), 'problem')} in {args.file}: nothing was applied\n")
+        return 2
+    answer = _new_endpoint(_client(), "POST", "/v1/apply", body)
+    if args.json:
+        _print_json(answer)
+    else:
+        out, err = appfile.render_plan(answer, body["services"], args.dry_run)
+        _say("\n".join(out))
+        for line in err:
+            sys.stderr.write(line + "\n")
+    return 1 if appfile.failed(answer) else 0
+
+
+def _new_endpoint(client: Any, method: str, path: str, body: Any = None) -> Any:
+    """A request to an endpoint that an older pmond, still running, may not have: say so plainly."""
+    from pmon2.client import ApiError
+
+    try:
+        return client.request(method, path, body)
+    except ApiError as exc:
+        if exc.status == 404 and exc.message.startswith("no such endpoint"):
+            raise PmonError(f"the running pmond has no {path.split('?')[0]}: it is older than this pmon2 "
+                            f"{__version__}; `pmon2 daemon stop` (services keep running), then try again") from None
+        raise
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    from pmon2 import appfile
+    from pmon2.client import ApiError
+
+    try:
+        answer = _new_endpoint(_client(), "GET", "/v1/dump?masked=true" if args.masked else "/v1/dump")
+    except ApiError as exc:
+        if exc.status == 403 and not args.masked:
+            raise PmonError(f"{exc.message} (`pmon2 dump --masked` writes secret values as ***)") from None
+        raise
+    sys.stdout.write(appfile.dump_toml(answer, args.masked))
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    if args.format == "markdown":
+        from pmon2 import appfile
+
+        sys.stdout.write(appfile.markdown())
+        return 0
+    from pmon2 import spec
+
+    _print_json(spec.app_file_schema())
+    return 0
+
+
+def split_update_args(tokens: list[str]) -> tuple[dict[str, Any], list[str] | None, bool]:
+    """`update`'s tokens -> (run's options, a new command or None, restart now). Flags are run's (RUN_FLAGS);
+    a bare --restart means "restart now" (--restart MODE is the restart field); the first token that is
+    not a flag, or what follows --, is the new command, verbatim."""
+    from pmon2 import spec
+
+    opts: dict[str, Any] = {}
+    restart_now = False
+    i = 0
+    while i < len(tokens):
+        tok = RUN_SHORT.get(tokens[i], tokens[i])
+        i += 1
+        if tok == "--":
+            return opts, tokens[i:] or None, restart_now
+        if not tok.startswith("-") or tok == "-":
+            return opts, tokens[i - 1:], restart_now
+        flag, eq, inline = tok.partition("=")
+        if flag == "--restart" and not eq and (i >= len(tokens) or tokens[i] not in spec.RESTART_MODES):
+            restart_now = True
+            continue
+        if flag == "--name" or flag not in RUN_FLAGS:
+            hint = "; rename it with `pmon2 rename`" if flag == "--name" else " (see 'pmon2 update --help')"
+            raise UsageError(f"update takes no {flag}{hint}")
+        dest, takes_value = RUN_FLAGS[flag]
+        if not takes_value:
+            if eq:
+                raise UsageError(f"{flag} takes no value")
+            opts[dest] = True
+            continue
+        if eq:
+            value = inline
+        elif i < len(tokens):
+            value = tokens[i]
+            i += 1
+        else:
+            raise UsageError(f"{flag} needs a value")
+        if dest in REPEATABLE or dest == "env_file":
+            opts.setdefault(dest, []).append(value)
+        else:
+            opts[dest] = value
+    return opts, None, restart_now
+
+
+def _stored(client: Any, ref: str) -> dict[str, Any]:
+    """A service's detail with its env in clear (root and its own user only); for a group NAME, its NAME:0."""
+    from pmon2.client import ApiError
+
+    try:
+        svc = client.request("GET", client.service_path(ref) + "?show_env=true")
+    except ApiError as exc:
+        if exc.status != 404 or ":" in ref:
+            raise
+        try:
+            svc = client.request("GET", client.service_path(f"{ref}:0") + "?show_env=true")
+        except ApiError:
+            raise exc from None
+    if svc.get("env_masked"):
+        raise PmonError(f"{ref}: its environment is masked for you, so it cannot be changed key by key")
+    return svc
+
+
+def _env_changes(opts: dict[str, Any], current: dict[str, str] | None) -> dict[str, str]:
+    """--env-clear (or the current env), then each --env-file, then each --env KEY=VALUE."""
+    env = {} if opts.get("env_clear") or current is None else dict(current)
+    if opts.get("env_file"):
+        from pmon2 import appfile
+
+        for path in opts["env_file"]:
+            try:
+                env.update(appfile.read_env_file(path, os.environ))
+            except appfile.AppFileError as exc:
+                raise UsageError(f"--env-file {exc.message}") from None
+    for item in opts.get("env", []):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise UsageError(f"--env {item!r}: use KEY=VALUE")
+        env[key] = value
+    return env
+
+
+def update_fields(opts: dict[str, Any], argv: list[str] | None, stored: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """run's options -> the fields to change, each through the spec model. `stored()` gives the service
+    as it is, for what changes relative to it (env, --args)."""
+    from pmon2 import spec
+
+    fields: dict[str, Any] = {}
+    if any(k in opts for k in ("env", "env_file", "env_clear")):
+        current = None if opts.get("env_clear") else stored()["env"]
+        fields["env"] = spec.SERVICE["env"].validate(_env_changes(opts, current))
+    if "args" in opts or argv:
+        import shlex
+
+        try:
+            extra = shlex.split(opts["args"]) if "args" in opts else []
+        except ValueError as exc:
+            raise UsageError(f"--args: {exc}") from None
+        fields["argv"] = spec.SERVICE["argv"].validate([*(argv or stored()["argv"][:1]), *extra])
+    if "cwd" in opts:
+        fields["cwd"] = spec.SERVICE["cwd"].validate(os.path.abspath(opts["cwd"]))
+    if opts.get("no_autorestart"):
+        fields["restart"] = "no"
+    if opts.get("no_autostart"):
+        fields["autostart"] = False
+    if opts.get("log_compress"):
+        fields["log_compress"] = True
+    done = {"env", "env_file", "env_clear", "args", "cwd", "no_autorestart", "no_autostart", "log_compress"}
+    for dest, value in opts.items():
+        if dest in done:
+            continue
+        field = spec.SERVICE.get(dest)
+        if field is None:
+            raise UsageError(f"update cannot change {dest}")
+        fields[dest] = field.validate(value) if isinstance(value, list) else field.from_text(value)
+    return fields
+
+
+def cmd_update(args: argparse.Namespace) -> int:
+    if args.rest[:1] in (["-h"], ["--help"]):
+        build_parser("update").parse_args(["update", "--help"])
+    opts, argv, restart_now = split_update_args(args.rest)
+    restart_now = restart_now or args.restart
+    as_json = opts.pop("json", False) or args.json
+    client = _client()
+    cache: list[dict[str, Any]] = []
+
+    def stored() -> dict[str, Any]:
+        if not cache:
+            cache.append(_stored(client, args.service))
+        return cache[0]
+
+    fields = update_fields(opts, argv, stored)
+    if not fields:
+        raise UsageError(f"nothing to change: give run's flags, such as --env KEY=VALUE (`pmon2 restart "
+                         f"{args.service}` restarts it as it is)")
+    answer = _new_endpoint(client, "POST", client.service_path(args.service, "update"),
+                           {"fields": fields, "restart": restart_now})
+    if as_json:
+        _print_json(answer)
+        return 0
+    names = ", ".join(s["name"] for s in answer["services"])
+    _say(f"updated {names}: {', '.join(fields)}")
+    if answer.get("restarted"):
+        _say("restarted " + ", ".join(f"{s['name']} (pid {s['pid']})" for s in answer["services"]))
+    elif answer.get("restart_needed"):
+        _say(f"it takes effect at the next start: `pmon2 restart {args.service}`, or update with --restart")
+    return 0
+
+
+def _restart_update_env(args: argparse.Namespace) -> int:
+    """pm2's `restart --update-env`: each service's env takes the caller's variables (minus the login
+    session's and PMON2_*) over its own, then the services restart."""
+    from pmon2 import spec
+
+    for ref in args.service:
+        if ref == "all" or ref.startswith("tag:") or any(c in ref for c in "*?["):
+            raise UsageError(f"--update-env takes names or ids, not {ref!r}")
+    client = _client()
+    caller = spec.service_env(os.environ)
+    for ref in args.service:
+        env = spec.SERVICE["env"].validate({**_stored(client, ref)["env"], **caller})
+        _new_endpoint(client, "POST", client.service_path(ref, "update"), {"fields": {"env": env}, "restart": False})
+    return _batch("restart", args.service, lambda s: f"{s['name']} restarted with your environment (pid {s['pid']})")
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from pmon2 import spec
+
+    count = spec.SERVICE["instances"].from_text(args.count)
+    client = _client()
+    before = {s["name"] for s in client.request("GET", "/v1/services")
+              if s["name"] == args.service or s.get("instance_of") == args.service}
+    answer = _new_endpoint(client, "POST", client.service_path(args.service, "scale"), {"instances": count})
+    if args.json:
+        _print_json(answer)
+        return 0
+    after = [s["name"] for s in answer.get("services", [])]
+    added = [n for n in after if n not in before]
+    removed = answer.get("removed") or []
+    line = f"{args.service}: {count} instance{'s' if count != 1 else ''}"
+    if added:
+        line += f"; added {', '.join(added)}"
+    if removed:
+        line += f"; removed {', '.join(removed)}"
+    if not added and not removed:
+        line += "; nothing to change"
+    _say(line)
+    return 0
+
+
 # parser
 
 
@@ -553,7 +881,7 @@ def _asks_help(tokens: list[str]) -> bool:
 COMMAND_NAMES = frozenset({
     "run", "exec", "ls", "list", "desc", "show", "start", "restart", "stop", "reload", "del", "delete", "log",
     "logf", "flush", "monit", "dash", "completion", "events", "why", "version", "daemon", "_names", "rename",
-    "startup", "unstartup", "import",
+    "startup", "unstartup", "import", "apply", "dump", "schema", "update", "scale",
 })
 
 
@@ -605,6 +933,8 @@ def build_parser(only: str | None = None) -> Parser:
     group.add_argument("--log-keep", metavar="N", help="rotated files to keep (default 5)")
     group.add_argument("--log-compress", action="store_true", help="gzip rotated files")
     group.add_argument("--env", metavar="KEY=VALUE", help="set a variable for the service (repeatable)")
+    group.add_argument("--env-file", metavar="FILE",
+                       help="variables from a dotenv file, under --env (repeatable; read with your rights)")
     group.add_argument("--cwd", metavar="DIR", help="working directory (default: yours; relative to yours)")
     group.add_argument("--env-clear", action="store_true",
                        help="start from an empty environment (default: yours, minus session variables)")
@@ -622,6 +952,9 @@ def build_parser(only: str | None = None) -> Parser:
                              ("restart", cmd_restart, "stop services, wait until they are gone, start them again")):
         p = command(name, func, text)
         p.add_argument("service", nargs="+", help="ids, names, globs such as 'web-*', or all")
+        if name == "restart":
+            p.add_argument("--update-env", action="store_true",
+                           help="give the services your environment first (yours win; session variables left out)")
     p = command("stop", cmd_stop, "stop services (SIGTERM to each group, SIGKILL after the kill timeout)")
     p.add_argument("service", nargs="+", help="ids, names, globs such as 'web-*', or all")
     p.add_argument("-f", "--force", action="store_true", help="SIGKILL at once (cuts a graceful stop short)")
@@ -666,14 +999,42 @@ def build_parser(only: str | None = None) -> Parser:
     p = command("startup", cmd_startup, "start pmond at boot: write and enable a systemd unit for it")
     p.add_argument("--print", action="store_true", help="print the unit and change nothing")
     command("unstartup", cmd_unstartup, "disable and remove pmond's systemd unit (services keep running)")
-    p = command("import", cmd_import, "take over the services of the Go Pmon2, keeping their running processes")
-    p.add_argument("source", choices=("pmon2-go",), help="the manager to import from: pmon2-go, the Go Pmon2")
+    p = command("import", cmd_import, "take over the services of the Go Pmon2, keeping their running processes; "
+                "or convert a pm2, supervisor or Procfile file and apply it")
+    p.add_argument("source", metavar="SOURCE",
+                   help="pmon2-go (the Go Pmon2), or a file: a pm2 ecosystem file (.config.js, .json, .yaml), a "
+                        "supervisord.conf or a Procfile")
     p.add_argument("path", nargs="?", metavar="DB_OR_CONFIG",
                    help="its database or config (default: $PMON2_CONF or /etc/pmon2/config/config.yml)")
     p.add_argument("--dry-run", action="store_true", help="show what would happen and change nothing")
     p.add_argument("--stop-old", action="store_true",
                    help="stop a running Go pmond first, leaving every process it manages running")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--to", metavar="OUT.toml", help="a file: write it as a pmon2 app file and apply nothing")
+    p.add_argument("--env", metavar="NAME", help="a pm2 file: merge each app's env_NAME over its env")
+    p = command("apply", cmd_apply, "create, change or remove services to match an app file (TOML, YAML, JSON)")
+    p.add_argument("file", metavar="FILE", help="the app file: *.toml, *.yaml, *.yml or *.json (docs/app-file.md)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and change nothing")
+    p.add_argument("--prune", action="store_true", help="also remove this file's services that it no longer has")
+    p.add_argument("--json", action="store_true", help="print pmond's plan as JSON")
+    p = command("dump", cmd_dump, "print today's services as an app file (TOML); apply of it changes nothing")
+    p.add_argument("--masked", action="store_true", help="write secret values as *** (needed unless you may see them)")
+    p = command("schema", cmd_schema, "print the JSON Schema of app files, for editor completion")
+    p.add_argument("--format", choices=("json", "markdown"), default="json",
+                   help="json (default), or markdown: the reference, docs/app-file.md")
+    p = command("update", cmd_update, "change a service's fields with run's flags; --restart applies them now")
+    p.usage = "pmon2 update REF [run's flags] [--restart] [--json] [-- COMMAND ARG...]"
+    p.add_argument("service", metavar="REF", help="id or name (a group NAME: all its instances)")
+    group = p.add_argument_group("flags", "run's flags, as with `run`: --env KEY=VALUE (added to the service's env), "
+                                 "--env-file F, --env-clear, --args \"...\" (new arguments), --kill-timeout S, ...")
+    group.add_argument("--restart", action="store_true",
+                       help="restart it now when the change needs it (--restart MODE sets the restart field)")
+    group.add_argument("--json", action="store_true", help="print pmond's answer as JSON")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p = command("scale", cmd_scale, "run N instances of a service (NAME:0 ... NAME:N-1); the highest go first")
+    p.add_argument("service", metavar="NAME", help="the service, or group of instances")
+    p.add_argument("count", metavar="N", help="how many instances, 1 to 1000")
+    p.add_argument("--json", action="store_true", help="print pmond's answer as JSON")
     return parser
 
 

@@ -291,12 +291,19 @@ def _ready(value: Any) -> str:
         return text
     for scheme in ("tcp://", "http://", "https://"):
         if text.startswith(scheme):
-            hostport = text[len(scheme):].split("/", 1)[0]
+            hostport, _, path = text[len(scheme):].partition("/")
             host, _, port = hostport.rpartition(":")
-            if host and port.isascii() and port.isdigit() and 0 < int(port) < 65536:
-                return text
-            raise ValueError(f"{text!r}: give HOST:PORT, such as {scheme}127.0.0.1:8080")
+            if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"{text!r}: give HOST:PORT, such as {scheme}127.0.0.1:8080")
+            if not _IP_HOST.fullmatch(host):
+                raise ValueError(f"{text!r}: HOST must be an IP address or localhost (pmond resolves no names)")
+            if scheme == "tcp://" and path:
+                raise ValueError(f"{text!r}: a tcp check has no path")
+            return text
     raise ValueError(f"{text!r}: use tcp://HOST:PORT, http://HOST:PORT/PATH or exec:COMMAND")
+
+
+_IP_HOST = re.compile(r"localhost|(\d{1,3}\.){3}\d{1,3}|\[[0-9A-Fa-f:.]+\]")
 
 
 def _depends_on(value: Any) -> dict[str, str]:

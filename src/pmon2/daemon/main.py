@@ -152,7 +152,11 @@ async def serve(config: Config, subreaper: bool, notifier: sdnotify.Notifier | N
     watcher = watch.Watcher(loop)
     sources = exit_status_sources()
     if subreaper or os.getpid() == 1:
-        reaper = Reaper(watcher.watching)
+        from pmon2.daemon import probes
+
+        # Readiness probes (exec:) are pmond's children too: keep their statuses for them (probes.py).
+        reaper = Reaper(lambda pid: watcher.watching(pid) or probes.owns(pid))
+        probes.reaped_status = reaper.lookup
         loop.add_signal_handler(signal.SIGCHLD, reaper.reap)
         reaper.reap()
         if "waitpid" in sources:

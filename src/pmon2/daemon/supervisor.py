@@ -893,7 +893,8 @@ class Supervisor:
             result = probes.Result(False, str(exc))
         else:
             result = await probes.wait_ready(probe, deadline_s=spec.get("start_timeout", 90.0), stop=svc.exited,
-                                             env=instances.launch_values(spec)[1], cwd=spec["cwd"])
+                                             env=instances.launch_values(spec)[1], cwd=spec["cwd"],
+                                             user=probe_identity(spec))
         if svc.id not in self.services or svc.generation != gen or svc.status is not Status.STARTING:
             return
         if result.ok:
@@ -1251,6 +1252,22 @@ def legacy_fields(spec: dict[str, Any], name: str) -> dict[str, Any]:
         out["log_dir"] = os.path.dirname(spec["out_log"])
     out.update({k: spec[k] for k in ("log_max_size", "log_keep", "log_compress", *OPTIONAL_FIELDS) if k in spec})
     return {k: v for k, v in out.items() if v is not None}
+
+
+def probe_identity(spec: dict[str, Any]) -> tuple[int, int, list[int]] | None:
+    """(uid, gid, groups) an exec: readiness probe runs as: the service's, never root's for another
+    user's service. None: pmond's own."""
+    user, group = spec.get("user"), spec.get("group")
+    if user is None and group is None:
+        return None
+    import grp
+    import pwd
+
+    pw = pwd.getpwnam(user) if user is not None else pwd.getpwuid(os.geteuid())
+    gid = grp.getgrnam(group).gr_gid if group is not None else pw.pw_gid
+    if (pw.pw_uid, gid) == (os.geteuid(), os.getegid()):
+        return None
+    return pw.pw_uid, gid, os.getgrouplist(pw.pw_name, gid)
 
 
 def restart_mode(spec: dict[str, Any]) -> str:

@@ -249,7 +249,11 @@ class Scan:
             return False
         if main.session == main.pid:
             return True
-        leader = procfs.read_stat(main.session, self.sampler.proc)
+        try:
+            self.sampler.getsid(main.session)  # a system call, where a stat read costs an open of /proc
+        except OSError:
+            return True  # gone (its pid is not handed out again while the session has a process)
+        leader = procfs.read_stat(main.session, self.sampler.proc)  # a zombie, for a second or two?
         return leader is None or not leader.alive
 
     def usage(self, main_pid: int, prev: CpuSample | None, cgroup: str | None = None

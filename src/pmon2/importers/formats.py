@@ -97,6 +97,17 @@ def dollars(text: str) -> str:
     return text.replace("$", "$$")
 
 
+def finish(service: dict[str, Any]) -> dict[str, Any]:
+    """`$` doubled in the service's other text fields (paths, user), which the app file expands too; no
+    empty env."""
+    if service.get("env") == {}:
+        del service["env"]
+    for key in ("cwd", "log", "log_dir", "user", "group"):
+        if isinstance(service.get(key), str):
+            service[key] = dollars(service[key])
+    return service
+
+
 def seconds(value: float) -> int | float:
     """A number of seconds, whole ones as an int (5, not 5.0), others rounded to the millisecond."""
     if value == int(value):

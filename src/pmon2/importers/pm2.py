@@ -45,7 +45,7 @@ import shutil
 import subprocess
 from typing import Any
 
-from pmon2.importers.formats import ConvertError, Unmapped, dollars, log_fields, seconds, service_name, tag_name
+from pmon2.importers.formats import ConvertError, Unmapped, dollars, finish, log_fields, seconds, service_name, tag_name
 
 NODE_TIMEOUT = 20.0
 # lib/API/interpreter.json, plus the module forms node runs itself
@@ -260,7 +260,8 @@ def _log_path(value: Any, cwd: str) -> str | None:
 
 
 def convert_app(app: dict[str, Any], index: int, base: str, env_name: str | None, unmapped: Unmapped,
-                taken: set[str]) -> tuple[str, dict[str, Any]]:
+                taken: set[str], selected: set[str]) -> tuple[str, dict[str, Any]]:
+    """One app -> (its name, its service); `selected` gets env_name when the app has env_NAME."""
     a = dict(app)
     label = str(a.get("name") or f"apps[{index}]")
 
@@ -325,13 +326,12 @@ def convert_app(app: dict[str, Any], index: int, base: str, env_name: str | None
     # the environment
     env = _env(pop("env"), f"{label}.env")
     envs = {k[4:]: a.pop(k) for k in list(a) if k.startswith("env_") and isinstance(a[k], dict)}
-    if env_name:
-        if env_name in envs:
-            env.update(_env(envs.pop(env_name), f"{label}.env_{env_name}"))
-        else:
-            note(f"env_{env_name}", f"this app has no env_{env_name}: --env {env_name} adds nothing to it")
+    if env_name and env_name in envs:
+        env.update(_env(envs.pop(env_name), f"{label}.env_{env_name}"))
+        selected.add(env_name)
     for other in envs:
         note(f"env_{other}", f"another environment: `pmon2 import FILE --env {other}` uses it")
+    env = {k: dollars(v) for k, v in env.items()}
     if "python" in os.path.basename(interpreter):
         env["PYTHONUNBUFFERED"] = "1"
 
@@ -344,7 +344,7 @@ def convert_app(app: dict[str, Any], index: int, base: str, env_name: str | None
         mode = "cluster"  # pm2's default for node with `instances`
     port_key = pop("port")
     if port_key is not None:
-        env["PORT"] = _env_value(port_key) or ""
+        env["PORT"] = dollars(_env_value(port_key) or "")
     increment_var = pop("increment_var")
     instance_var = str(pop("instance_var") or "NODE_APP_INSTANCE")
     port = None
@@ -358,13 +358,13 @@ def convert_app(app: dict[str, Any], index: int, base: str, env_name: str | None
     if mode == "cluster" and instances > 1:
         why = UNMAPPED["exec_mode"]
         if port is not None:
-            why += f": each instance gets its own PORT = {port} + its number"
+            why += f" (done: each instance gets its own PORT = {port} + its number)"
         note("exec_mode", why)
     elif mode not in (None, "fork", "cluster"):
         note("exec_mode", f"unknown exec_mode {exec_mode!r}")
 
     service: dict[str, Any] = {"command": [dollars(w) for w in command], "cwd": cwd,
-                               "env": {k: dollars(v) for k, v in env.items()}}
+                               "env": env}
     user = pop("uid", "user")
     if user is not None:
         service["user"] = str(user)
@@ -459,7 +459,7 @@ def convert_app(app: dict[str, Any], index: int, base: str, env_name: str | None
         if key in ("exec_mode",):
             continue
         note(key, UNMAPPED.get(key, "not a pm2 key that pmon2 knows"))
-    return name, service
+    return name, finish(service)
 
 
 def convert(path: str, *, env_name: str | None = None) -> tuple[dict[str, Any], Unmapped]:
@@ -469,11 +469,14 @@ def convert(path: str, *, env_name: str | None = None) -> tuple[dict[str, Any], 
     apps = _apps(load(path), path, unmapped)
     services: dict[str, Any] = {}
     taken: set[str] = set()
+    selected: set[str] = set()
     for i, app in enumerate(apps):
         if not isinstance(app, dict):
             raise ConvertError(f"{path}: apps[{i}] is not an object")
-        name, service = convert_app(app, i, os.path.dirname(path), env_name, unmapped, taken)
+        name, service = convert_app(app, i, os.path.dirname(path), env_name, unmapped, taken, selected)
         services[name] = service
     if not services:
         raise ConvertError(f"{path}: holds no apps")
+    if env_name and not selected:
+        unmapped.append(("--env", f"no app has env_{env_name}: it added nothing"))
     return {"defaults": {}, "services": services}, unmapped

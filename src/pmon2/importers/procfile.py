@@ -19,7 +19,7 @@ import os
 import re
 from typing import Any
 
-from pmon2.importers.formats import ConvertError, Unmapped, dollars, service_name
+from pmon2.importers.formats import ConvertError, Unmapped, dollars, finish, service_name
 
 PROCESS = re.compile(r"^([A-Za-z0-9_-]+):\s*(.+)$")
 BASE_PORT = 5000
@@ -48,7 +48,7 @@ def parse_dotenv(text: str) -> dict[str, str]:
         if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key):
             continue
         value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] == "'" or value.startswith("'") and "'" in value[1:]:
+        if value.startswith("'") and "'" in value[1:]:
             value = value[1:value.index("'", 1)]
         elif value.startswith('"') and re.match(r'"((?:[^"\\]|\\.)*)"', value):
             value = _unquote_double(re.match(r'"((?:[^"\\]|\\.)*)"', value)[1])  # type: ignore[index]
@@ -119,7 +119,7 @@ def convert(path: str, *, env_name: str | None = None) -> tuple[dict[str, Any], 
             service["port"] = port
         else:
             unmapped.append((f"{label}:{number}", f"its PORT would be {port}, not a port number"))
-        services[name] = service
+        services[name] = finish(service)
     if not services:
         raise ConvertError(f"{path}: no `NAME: COMMAND` line")
     return {"defaults": {}, "services": services}, unmapped

@@ -35,12 +35,13 @@ import shlex
 import signal
 from typing import Any
 
-from pmon2.importers.formats import ConvertError, Unmapped, dollars, log_fields, service_name, tag_name
+from pmon2.importers.formats import ConvertError, Unmapped, dollars, finish, log_fields, service_name, tag_name
 
 # Placeholders for per-instance values: only word characters, so that supervisor's `%` expansion and
 # both of its lexers leave them whole.
 INSTANCE = "PMON2INSTANCEx7q"
 PORT = "PMON2PORTx7q"
+PER_INSTANCE = ("command", "environment", "stdout_logfile", "stderr_logfile")  # where %(process_num) varies
 OWN_SECTIONS = ("supervisord", "supervisorctl", "unix_http_server", "inet_http_server", "include")
 TRUE = ("yes", "true", "on", "1")
 FALSE = ("no", "false", "off", "0")
@@ -194,6 +195,8 @@ class _Instances:
         if kind not in "dius":
             raise ConvertError(f"{self.where}.{key}: %(process_num){flags}{width}{kind}: only decimal process "
                                "numbers can become ${instance}")
+        if key.endswith("_logfile"):
+            return digits + INSTANCE  # _logs reports them
         if self.start:
             self.unmapped.append((f"{self.where}.{key}", f"supervisor numbers these processes from {self.start}, "
                                                          "pmon2 from 0: ${instance} is 0 for the first"))
@@ -322,8 +325,10 @@ def _program(parser: _Parser, section: str, program: str, groups: list[str], bas
         value = raw.get(key, default)
         if value is None:
             return None
-        if instances is not None:
+        if instances is not None and key in PER_INSTANCE:
             value = instances.mark(value, key)
+        elif instances is not None and "%(process_num)" in value:
+            note(key, f"the same for every instance: %(process_num) is {start} here")
         return expand(value, expansions, f"{section}.{key}")
 
     name = service_name(program, taken, unmapped, f"{where}.name")
@@ -408,7 +413,7 @@ def _program(parser: _Parser, section: str, program: str, groups: list[str], bas
     for key in raw:
         if key not in PROGRAM_KEYS:
             note(key, UNMAPPED.get(key, "not a supervisor key that pmon2 knows"))
-    return name, service
+    return name, finish(service)
 
 
 def _logs(raw: dict[str, str], get: Any, name: str, here: str, where: str, unmapped: Unmapped,
