@@ -299,7 +299,6 @@ def stage_root(lib: Path, root: Path, unit_dir: str, zsh_dir: str) -> None:
                                                 module="pmon2.daemon.__main__", func="run"), 0o755)
     _write(root / unit_dir.lstrip("/") / "pmond.service", (PACKAGING / "pmond.service").read_text())
     _write(root / "etc/pmon2/config.toml", (PACKAGING / "config.toml").read_text())
-    _write(root / "etc/logrotate.d/pmon2", (PACKAGING / "logrotate").read_text())
     completions = {"bash": "usr/share/bash-completion/completions/pmon2", "zsh": f"{zsh_dir.lstrip('/')}/_pmon2",
                    "fish": "usr/share/fish/vendor_completions.d/pmon2.fish"}
     for shell, path in completions.items():
@@ -336,7 +335,7 @@ def build_deb(lib: Path, work: Path, out_dir: Path, version: str) -> Path:
     _write(debian / "control", control)
     conffiles = sorted("/" + str(p.relative_to(root)) for p in (root / "etc").rglob("*") if p.is_file())
     _write(debian / "conffiles", "".join(f"{c}\n" for c in conffiles))
-    for script in ("postinst", "prerm", "postrm"):
+    for script in ("preinst", "postinst", "prerm", "postrm"):
         _write(debian / script, (PACKAGING / "deb" / script).read_text(), 0o755)
     out = out_dir / f"pmon2_{version}_all.deb"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ is reused from run to run. These steps are marked slow; CI runs them.
 
 The .pyz is then run the way a user without any install runs it: /usr/bin/python3 -I, from a directory where
 pmon2 is not installed. The packages are inspected with dpkg-deb / rpm and their code is run from an
-extracted tree. Tools that may be missing (rpmbuild, systemd-analyze, logrotate) skip their checks.
+extracted tree. Tools that may be missing (rpmbuild, systemd-analyze) skip their checks.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 DEB_FILES = ("/usr/lib/pmon2/pmon2/cli.py", "/usr/lib/pmon2/pmon2/__pycache__/cli.cpython-311.pyc",
              "/usr/lib/pmon2/h11/__init__.py", "/usr/lib/pmon2/textual/app.py", "/usr/bin/pmon2", "/usr/bin/pmond",
-             "/etc/pmon2/config.toml", "/etc/logrotate.d/pmon2", "/usr/share/bash-completion/completions/pmon2")
+             "/etc/pmon2/config.toml", "/usr/share/bash-completion/completions/pmon2")
 # A fresh root login's PATH: no .venv, no pyenv.
 FRESH_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # The README's Install commands, word for word (checked against the README below).
@@ -283,7 +283,7 @@ def test_deb_metadata_and_files(dist: dict[str, Path]) -> None:
     for line in ("Package: pmon2", f"Version: {VERSION}", "Architecture: all", "Depends: python3 (>= 3.11)"):
         assert f" {line}\n" in info, line
     conffiles = sh("dpkg-deb", "-I", deb, "conffiles").stdout.split()
-    assert sorted(conffiles) == ["/etc/logrotate.d/pmon2", "/etc/pmon2/config.toml"]
+    assert sorted(conffiles) == ["/etc/pmon2/config.toml"]
     listing = sh("dpkg-deb", "-c", deb).stdout
     files = {line.split()[-1].removeprefix(".") for line in listing.splitlines()}
     for path in (*DEB_FILES, "/lib/systemd/system/pmond.service"):
@@ -354,15 +354,9 @@ def test_default_config_is_valid_commented_or_not(deb_tree: Path, tmp_path: Path
 
 
 @slow
-def test_logrotate_file(deb_tree: Path, tmp_path: Path) -> None:
-    conf = deb_tree / "etc/logrotate.d/pmon2"
-    text = conf.read_text()
-    assert "/var/log/pmon2/*.log" in text and "copytruncate" in text
-    if not shutil.which("logrotate"):
-        pytest.skip("logrotate is not installed")
-    proc = subprocess.run(["logrotate", "--debug", "--state", str(tmp_path / "state"), str(conf)],
-                          capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 0 and "error" not in proc.stderr.lower(), proc.stderr
+def test_no_logrotate_file(deb_tree: Path) -> None:
+    # pmond rotates every log itself, pmond.log too: a logrotate file would rotate them a second time.
+    assert not (deb_tree / "etc/logrotate.d").exists()
 
 
 @slow
@@ -506,8 +500,7 @@ def test_rpm_files_and_metadata(dist: dict[str, Path], tmp_path: Path) -> None:
     files = set(sh("rpm", "-qlp", rpm).stdout.split())
     for path in (*DEB_FILES, "/usr/lib/systemd/system/pmond.service"):
         assert path in files, path
-    assert set(sh("rpm", "-qp", "--configfiles", rpm).stdout.split()) == {"/etc/pmon2/config.toml",
-                                                                          "/etc/logrotate.d/pmon2"}
+    assert set(sh("rpm", "-qp", "--configfiles", rpm).stdout.split()) == {"/etc/pmon2/config.toml"}
     assert "python3 >= 3.11" in sh("rpm", "-qp", "--requires", rpm).stdout
     assert sh("rpm", "-qp", "--qf", "%{ARCH} %{VERSION}-%{RELEASE}", rpm).stdout == f"noarch {VERSION}-1"
     scripts = sh("rpm", "-qp", "--scripts", rpm).stdout

@@ -638,7 +638,8 @@ def run(args: Any, client_factory: Any, say: Any, err: Any, print_json: Any) -> 
                     for r in rows if deleted(r)],
     }
     if "auto_restart" not in columns:
-        report["notes"].append("no auto_restart column (an older Pmon2): every service restarts on exit (autorestart)")
+        report["notes"].append("no auto_restart column (an older Pmon2): every service restarts on exit "
+                               "(restart = always)")
     daemons = [describe(pid, env) for pid in find_go_pmonds()]
     report["go_pmond"] = [asdict(d) | {"steps": [shlex.join(s) for s in d.steps()]} for d in daemons]
     client = None
@@ -747,7 +748,7 @@ def render(report: dict[str, Any]) -> str:
         lines.append(f"  stop-old: {step}")
     rows = []
     for s in report["services"]:
-        word = OUTCOMES[s["outcome"]][1 if dry else 0]
+        word = "already imported" if s.get("already_imported") else OUTCOMES[s["outcome"]][1 if dry else 0]
         name = s["name"] or s["go_name"]
         if s["outcome"] == "adopted":
             what = f"pid {s['pid']}: the same process, not restarted"
