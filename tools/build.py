@@ -49,6 +49,9 @@ LIB = "/usr/lib/pmon2"
 SKIP_DIRS = {"__pycache__"}
 SKIP_SUFFIXES = (".pyc", ".pyo")
 NATIVE_SUFFIXES = (".so", ".pyd", ".dylib")
+# Native accelerators that their package imports only if present, with a pure-Python fallback: left out, so
+# the .pyz and the packages stay universal. PyYAML: yaml/_yaml.*.so (yaml.__with_libyaml__ is then False).
+OPTIONAL_NATIVE = (("yaml", "_yaml."),)
 # dist-info files that describe one installation, not the distribution.
 SKIP_META = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}
 
@@ -173,6 +176,8 @@ def copy_tree(src: Path, dest: Path, owner: str) -> None:
             if name.endswith(SKIP_SUFFIXES):
                 continue
             if name.endswith(NATIVE_SUFFIXES) or ".cpython-" in name:
+                if any(Path(dirpath).name == pkg and name.startswith(prefix) for pkg, prefix in OPTIONAL_NATIVE):
+                    continue
                 raise BuildError(f"{owner} has a native module {Path(dirpath, name)}: only pure-Python "
                                  "dependencies can be shipped")
             shutil.copyfile(Path(dirpath, name), target / name)

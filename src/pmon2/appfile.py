@@ -193,9 +193,9 @@ def _parse_yaml(text: str, name: str) -> tuple[Any, Lines]:
 
     try:
         node = loader.get_single_node()
-        data = loader.construct_document(node) if node is not None else None
         if node is not None:
-            walk(node, ())
+            walk(node, ())  # before construction, which folds merge keys (<<: *base) into the mappings
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         what = " ".join(str(p) for p in (getattr(exc, "context", None), getattr(exc, "problem", None)) if p)
@@ -911,9 +911,10 @@ its owner may read works, even with pmond running as root.
   session's, such as `SSH_AUTH_SOCK` or `DISPLAY`, nor `PMON2_*`); then the variables of each `env_file`
   (dotenv syntax, read by python-dotenv: `KEY=value`, `export KEY="value"`, comments; values expand as
   above, also from the file's earlier variables, except single-quoted ones); then `env`. Unlike `run`,
-  which freezes your whole environment, a file states what its services get: the same file gives the
-  same services from any shell. `inherit_env = true` takes your whole environment, as `run` does, and
-  `inherit_env = false` nothing, for a file that lists every variable.
+  which freezes your whole environment, a file names what its services take from it, so the shell you
+  apply from matters only through those few variables (a different `PATH` is a change of `env`, and
+  restarts). `inherit_env = true` takes your whole environment, as `run` does, and `inherit_env = false`
+  nothing, for a file that lists every variable and gives the same services from any shell.
 - **Checks.** The whole file is checked before anything is sent, every field through the same model
   as `run` and the API. Every problem is printed, each with its place, and then nothing is applied (exit
   status 2):

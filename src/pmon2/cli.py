@@ -519,7 +519,7 @@ def _import_file(args: argparse.Namespace) -> int:
     names = list(document["services"])
     report: dict[str, Any] = {"file": source, "format": fmt, "services": names,
                               "unmapped": [{"key": k, "why": w} for k, w in unmapped]}
-    if not args.json:
+    if not args.json and not (args.to and args.dry_run):  # that prints the file, which says the same
         _say(f"{args.source}: {formats.FORMAT_NAMES[fmt]}, {plural(len(names), 'service')}: {', '.join(names)}")
         for key, why in unmapped:
             _say(f"  not mapped: {key}: {why}")
@@ -543,7 +543,10 @@ def _import_file(args: argparse.Namespace) -> int:
             if os.path.isdir(out):
                 raise UsageError(f"--to {args.to}: is a directory; name the file, such as pmon2.toml")
             if args.dry_run:
-                sys.stdout.write(text)
+                if args.json:
+                    _print_json({**report, "toml": text})
+                else:
+                    sys.stdout.write(text)
                 return 0
             partial = f"{out}.{os.getpid()}.part"
             with open(partial, "w", encoding="utf-8") as fh:
@@ -620,7 +623,16 @@ def cmd_apply(args: argparse.Namespace) -> int:
             sys.stderr.write(f"{problem}\n")
         sys.stderr.write(f"pmon2: {plural(len(exc.problems), 'problem')} in {args.file}: nothing was applied\n")
         return 2
-    answer = _new_endpoint(_client(), "POST", "/v1/apply", body)
+    from pmon2.client import ApiError
+
+    try:
+        answer = _new_endpoint(_client(), "POST", "/v1/apply", body)
+    except ApiError as exc:
+        if "nothing was applied" not in exc.message:
+            raise
+        # pmond's own checks (a dependency it does not know, a name another file or user holds): as above
+        sys.stderr.write(f"pmon2: {args.file}: {exc.message}\n")
+        return 2
     if args.json:
         _print_json(answer)
     else:

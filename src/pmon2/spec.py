@@ -569,8 +569,8 @@ def _service_list(value: Any) -> list[dict[str, Any]]:
 
 APPLY_FIELDS: tuple[Field, ...] = (
     Field("source", {"type": "string"}, _abs_path,
-          "The app file's absolute path. Each service remembers it (`desc` shows it); `prune` removes only "
-          "services of this source. A service may name its own `source` (as `dump` writes it)."),
+          "Required: the app file's absolute path. Each service remembers it (`desc` shows it); `prune` removes "
+          "only services of this source. A service may name its own `source` (as `dump` writes it)."),
     Field("services", {"type": "array", "items": {"type": "object"}}, _service_list,
           "The file's services: service objects as POST /v1/services takes them, `name` and `argv` required. "
           "Each is checked field by field, and every problem is named.", default=[]),
