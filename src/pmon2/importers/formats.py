@@ -157,11 +157,12 @@ def tag_name(raw: str) -> str | None:
         return None
 
 
-def log_fields(name: str, out: str | None, err: str | None, where: tuple[str, str],
-               unmapped: Unmapped) -> dict[str, str]:
+def log_fields(name: str, out: str | None, err: str | None, where: tuple[str, str], unmapped: Unmapped,
+               instances: int = 1) -> dict[str, str]:
     """pmon2's `log` / `log_dir` for a service whose old manager wrote stdout to `out` and stderr to `err`
     (absolute paths, or None for the default). pmon2 writes either one file for both streams (`log`) or
-    NAME-out.log and NAME-err.log in `log_dir`; `where` names the two source keys."""
+    NAME-out.log and NAME-err.log in `log_dir` (NAME:N-out.log... for instances); `where` names the two
+    source keys."""
     if out is None and err is None:
         return {}
     if out is not None and out == err:
@@ -170,12 +171,13 @@ def log_fields(name: str, out: str | None, err: str | None, where: tuple[str, st
                if path is not None]
     directory = os.path.dirname(present[0][0])
     for path, key, stream in present:
-        expected = os.path.join(directory, f"{name}-{stream}.log")
+        expected = os.path.join(directory, f"{name}:N-{stream}.log" if instances > 1 else f"{name}-{stream}.log")
         if os.path.dirname(path) != directory:
             unmapped.append((key, f"pmon2 keeps both logs in one directory: {stream} goes to {expected}, "
                                   f"not {path}"))
         elif path != expected:
-            unmapped.append((key, f"pmon2 names the file itself: {expected}, not {path}"))
+            each = ", one per instance N" if instances > 1 else ""
+            unmapped.append((key, f"pmon2 names the file itself: {expected}{each}, not {path}"))
     return {"log_dir": directory}
 
 

@@ -263,7 +263,9 @@ def convert_app(app: dict[str, Any], index: int, base: str, env_name: str | None
                 taken: set[str], selected: set[str]) -> tuple[str, dict[str, Any]]:
     """One app -> (its name, its service); `selected` gets env_name when the app has env_NAME."""
     a = dict(app)
-    label = str(a.get("name") or f"apps[{index}]")
+    script = a.get("script") or a.get("cmd") or a.get("command")
+    derived = os.path.splitext(os.path.basename(script))[0] if isinstance(script, str) else ""
+    label = str(a.get("name") or derived or f"apps[{index}]")
 
     def pop(*keys: str) -> Any:
         found = None
@@ -280,11 +282,7 @@ def convert_app(app: dict[str, Any], index: int, base: str, env_name: str | None
     script = pop("script", "cmd", "command")
     if not isinstance(script, str) or not script.strip():
         raise ConvertError(f"{label}: no script: pm2 needs `script` (the program to run)")
-    raw_name = pop("name")
-    if not raw_name:
-        raw_name = os.path.basename(script)
-        if raw_name.rfind(".") > 0:
-            raw_name = raw_name[:raw_name.rfind(".")]
+    raw_name = pop("name") or derived  # pm2's default: the script's basename without its extension
     if pop("append_env_to_name") is True and env_name:
         raw_name = f"{raw_name}-{env_name}"
     name = service_name(str(raw_name), taken, unmapped, f"{label}.name")
@@ -391,7 +389,10 @@ def convert_app(app: dict[str, Any], index: int, base: str, env_name: str | None
             raise ConvertError(f"{label}.stop_exit_codes: not a list of exit codes: {stop_codes!r}") from None
     max_restarts = pop("max_restarts")
     if max_restarts is not None:
-        service["max_restarts"] = int(max_restarts)
+        try:
+            service["max_restarts"] = int(max_restarts)
+        except (TypeError, ValueError):
+            raise ConvertError(f"{label}.max_restarts: not a whole number: {max_restarts!r}") from None
     min_uptime = pop("min_uptime")
     if min_uptime is not None:
         service["min_uptime"] = seconds(_ms(min_uptime, f"{label}.min_uptime") / 1000)
@@ -430,7 +431,7 @@ def convert_app(app: dict[str, Any], index: int, base: str, env_name: str | None
         note("error_file", f"merge_logs: stdout and stderr both go to one file, {out_path}")
     else:
         service.update(log_fields(name, out_path, err_path, (f"{label}.out_file", f"{label}.error_file"),
-                                  unmapped))
+                                  unmapped, instances))
     if combined is True:
         note("log_file", "pmon2 has no third, combined log: see pmon2 log NAME")
 

@@ -4,9 +4,8 @@
   `#` lines and blank lines are skipped, and any other line is reported.
 - The command is a shell command line there (foreman and honcho run it with `/bin/sh -c`), so here too:
   `command = ["sh", "-c", COMMAND]`. `$PORT` and the like in it are left to that shell.
-- `cwd` is the Procfile's directory, and `env` what `.env` beside it holds (python-dotenv when it is
-  installed, without `${VAR}` expansion, as foreman and honcho read it; else the same simple KEY=VALUE
-  form: `export`, quotes, comments).
+- `cwd` is the Procfile's directory, and `env` what `.env` beside it holds (read by python-dotenv, without
+  `${VAR}` expansion, as foreman and honcho read it).
 - Ports as foreman and honcho give them: the n-th process type (from 0) gets PORT = 5000 + 100 * n, so
   `port = 5000 + 100 * n`, and with instances each one gets port + its number, as `honcho start -c web=2`
   does. A PORT in `.env` moves the base from 5000.
@@ -28,47 +27,16 @@ ONE_OFF = {"release": "Heroku runs release once per deploy, before the other pro
                       "phase: run it before pmon2 apply"}
 
 
-def _unquote_double(text: str) -> str:
-    return re.sub(r"\\(.)", lambda m: {"n": "\n", "t": "\t", "r": "\r"}.get(m[1], m[1]), text)
-
-
-def parse_dotenv(text: str) -> dict[str, str]:
-    """The simple dotenv form: KEY=VALUE lines, `export KEY=VALUE`, 'single' quotes taken as they are,
-    "double" quotes with backslash escapes (\\n...), `#` comments on their own line or after an unquoted
-    value and a space. No `${VAR}` expansion. Lines that are none of these are skipped, as dotenv does."""
-    out: dict[str, str] = {}
-    for raw in text.replace("\r\n", "\n").split("\n"):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("export "):
-            line = line[len("export "):].lstrip()
-        key, eq, value = line.partition("=")
-        key = key.strip()
-        if not eq or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key):
-            continue
-        value = value.strip()
-        if value.startswith("'") and "'" in value[1:]:
-            value = value[1:value.index("'", 1)]
-        elif value.startswith('"') and re.match(r'"((?:[^"\\]|\\.)*)"', value):
-            value = _unquote_double(re.match(r'"((?:[^"\\]|\\.)*)"', value)[1])  # type: ignore[index]
-        else:
-            value = re.split(r"\s+#", value, maxsplit=1)[0].rstrip()
-        out[key] = value
-    return out
-
-
 def read_dotenv(path: str) -> dict[str, str]:
-    """The variables of a .env file: python-dotenv when installed (no interpolation), else parse_dotenv."""
+    """The variables of a .env file, as python-dotenv reads them, without `${VAR}` expansion (foreman and
+    honcho expand nothing either): `KEY=VALUE`, `export KEY=VALUE`, quotes, comments."""
+    from dotenv import dotenv_values
+
     try:
-        from dotenv import dotenv_values  # type: ignore[import-not-found]
-    except ImportError:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                return parse_dotenv(fh.read())
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConvertError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
-    return {k: v for k, v in dotenv_values(path, interpolate=False).items() if v is not None}
+        values = dotenv_values(path, interpolate=False, encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConvertError(f"{path}: {getattr(exc, 'strerror', None) or exc}") from None
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def convert(path: str, *, env_name: str | None = None) -> tuple[dict[str, Any], Unmapped]:

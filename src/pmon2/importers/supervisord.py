@@ -352,9 +352,9 @@ def _program(parser: _Parser, section: str, program: str, groups: list[str], bas
         "cwd": cwd,
         "env": {k: _instance_vars(dollars(v)) for k, v in env.items()},
     }
-    user = raw.get("user", base_user)
+    user = get("user") if "user" in raw else base_user
     if user:
-        service["user"] = get("user") if "user" in raw else user
+        service["user"] = user.strip()
 
     if "autostart" in raw and not boolean(raw["autostart"], f"{section}.autostart"):
         service["autostart"] = False
@@ -446,18 +446,22 @@ def _logs(raw: dict[str, str], get: Any, name: str, here: str, where: str, unmap
                     continue
                 stream_name = "out" if stream == "stdout" else "err"
                 note(key, f"one file per process: pmon2 names the files itself, in {directory}")
-                path = os.path.join(directory, f"{name}-{stream_name}.log")
+                path = os.path.join(directory, f"{name}:N-{stream_name}.log")
             paths[stream] = path
     fields: dict[str, Any] = {}
     out, err = paths["stdout"], paths["stderr"]
     if err == "redirect":
-        if out is not None:
+        per_instance = out is not None and ":N-out.log" in out
+        if out is not None and not per_instance:
             fields["log"] = out
         else:
-            note("redirect_stderr", "pmon2 keeps stderr apart, in NAME-err.log")
+            if per_instance:
+                fields["log_dir"] = os.path.dirname(out)  # type: ignore[arg-type]
+            each = "NAME:N-err.log" if numprocs > 1 else "NAME-err.log"
+            note("redirect_stderr", f"pmon2 keeps stderr apart, in {each}")
     else:
         fields.update(log_fields(name, out, err, (f"{where}.stdout_logfile", f"{where}.stderr_logfile"),
-                                 unmapped))
+                                 unmapped, numprocs))
 
     for field, suffix, convert in (("log_max_size", "maxbytes", byte_size), ("log_keep", "backups", integer)):
         values = {s: raw[f"{s}_logfile_{suffix}"] for s in ("stdout", "stderr") if f"{s}_logfile_{suffix}" in raw}
