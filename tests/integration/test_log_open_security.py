@@ -136,7 +136,7 @@ def test_a_hard_link_in_pmonds_log_dir_is_refused(pmon, pub, nobody):
     os.link(target, out)  # as if planted: only root can write this dir
     proc = pmon.run("start", "linked", check=False, timeout=5)
     assert proc.returncode == 1, proc
-    assert proc.stderr == f"pmon2: refused log file {out}: it has 2 hard links\n"
+    assert proc.stderr == f"pmon2: linked: refused log file {out}: it has 2 hard links\n"
     assert target.read_bytes() == SECRET and os.stat(target).st_uid == 0
     answers_quickly(pmon)
 
@@ -159,7 +159,7 @@ def test_a_fifo_in_pmonds_log_dir_is_refused_without_blocking(pmon, pub, reader)
         proc = pmon.run("start", "piped", check=False, timeout=5)
         assert time.monotonic() - began < 2.0
         assert proc.returncode == 1, proc
-        assert proc.stderr == f"pmon2: refused log file {err}: it is a FIFO\n"
+        assert proc.stderr == f"pmon2: piped: refused log file {err}: it is a FIFO\n"
         answers_quickly(pmon)
         if held >= 0:
             try:
