@@ -351,6 +351,7 @@ class _Reader:
 
     def __init__(self, name: str, lines: Lines, fmt: str, base: str, environ: Mapping[str, str]) -> None:
         self.name = name
+        self.inherit_cache: dict[tuple[str, ...], dict[str, str]] = {}  # inherit_env patterns -> variables
         self.lines = lines
         self.fmt = fmt
         self.base = base
@@ -536,6 +537,18 @@ def _service(r: _Reader, name: str, where: Path, items: dict[str, tuple[Any, Pat
         return None
 
 
+def _inherited(r: _Reader, patterns: tuple[str, ...]) -> dict[str, str]:
+    """The caller's variables that `inherit_env` patterns take, once per file and set of patterns (the
+    same for most services: filtering the whole environment per service was half of a 100-service load)."""
+    cache = r.inherit_cache
+    if patterns not in cache:
+        import fnmatch
+
+        cache[patterns] = {k: v for k, v in spec.service_env(r.environ).items()
+                           if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+    return cache[patterns]
+
+
 def _environment(r: _Reader, where: Path, items: dict[str, tuple[Any, Path]],
                  env_layers: list[tuple[Any, Path]]) -> dict[str, str] | None:
     """inherit_env (from the caller's environment, never its login session's) < env_file < env, where
@@ -545,10 +558,7 @@ def _environment(r: _Reader, where: Path, items: dict[str, tuple[Any, Path]],
     good, patterns = r.check(spec.FILE["inherit_env"], value, path)
     env: dict[str, str] = {}
     if good and patterns:
-        import fnmatch
-
-        env = {k: v for k, v in spec.service_env(r.environ).items()
-               if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+        env = dict(_inherited(r, tuple(patterns)))
     ok = ok and good
 
     if "env_file" in items:
