@@ -10,8 +10,9 @@ own pmond (PMON2_HOME in /tmp) and `--services` services (`sleep <unique number>
 bench has started `--others` idle `sleep` processes of its own (at most 10,000). Then, alternating
 between the two, and each figure the median of `--runs`:
 
-- `pmon2 ls` back to back (`warm`: ls in a loop, as monit does; the PSS cache of the code after holds);
-- `pmon2 ls` after PSS_TTL + 0.5 s of quiet each time (`cold`: every PSS read again);
+- `pmon2 ls` back to back (ls in a loop, as monit does; the PSS cache of the code after holds);
+- `pmon2 ls` every PSS_TTL + 0.5 s (the idle services' PSS is still kept);
+- `pmon2 ls` after PSS_IDLE_TTL + 1 s of quiet each time (`--cold-runs`: every PSS read again);
 - `GET /v1/services` on the socket, without the CLI (pmond's own part of `ls`);
 - the same `ls` once the other processes are gone (the host at rest).
 
@@ -40,6 +41,7 @@ sys.path.insert(0, HERE)
 
 from compare import (  # noqa: E402  (bench/ is not a package)
     Pmon2,
+    cpu_figures,
     find_sleepers,
     log,
     machine,
@@ -49,7 +51,8 @@ from compare import (  # noqa: E402  (bench/ is not a package)
 )
 
 MAX_OTHERS = 10_000
-PSS_TTL = 2.0  # pmon2.daemon.usage.PSS_TTL: a `cold` ls waits longer than this
+PSS_TTL = 2.0  # pmon2.daemon.usage.PSS_TTL
+PSS_IDLE_TTL = 30.0  # pmon2.daemon.usage.PSS_IDLE_TTL: a `cold` ls waits longer than this
 
 
 class Variant(Pmon2):
@@ -83,6 +86,19 @@ class Variant(Pmon2):
         if code != 0:
             raise RuntimeError(f"{self.name}: pmon2 ls exited {code}: {err}")
         return ms, cpu
+
+    def pmond_cpu_ns(self) -> int:
+        figures = cpu_figures(self.daemon_pid() or 0)
+        if figures is None:
+            raise RuntimeError(f"{self.name}: pmond is gone")
+        return figures["ns"]
+
+    def measured(self, fn) -> tuple[float, float, float]:
+        """fn(self) -> (wall ms, CLI CPU ms), plus pmond's CPU ms meanwhile (schedstat, ns precision): the
+        work of a request, which the load of a shared machine barely changes."""
+        before = self.pmond_cpu_ns()
+        wall, cli = fn(self)
+        return wall, cli, (self.pmond_cpu_ns() - before) / 1e6
 
 
 def start_others(count: int, numbers: range) -> list[subprocess.Popen[bytes]]:
@@ -129,20 +145,22 @@ def read_costs() -> dict[str, dict[str, float]]:
             p.wait()
 
 
-def alternate(variants: list[Variant], runs: int, fn, pause: float = 0.0) -> dict[str, list[tuple[float, float]]]:
-    """`runs` rounds; each calls fn(variant) for every variant, in an order that alternates by round."""
-    out: dict[str, list[tuple[float, float]]] = {v.name: [] for v in variants}
+def alternate(variants: list[Variant], runs: int, fn, pause: float = 0.0) -> dict[str, list[tuple[float, ...]]]:
+    """`runs` rounds; each calls fn(variant) for every variant, in an order that alternates by round, after
+    `pause` seconds of quiet."""
+    out: dict[str, list[tuple[float, ...]]] = {v.name: [] for v in variants}
     for i in range(runs):
+        time.sleep(pause)
         order = variants if i % 2 == 0 else variants[::-1]
         for v in order:
-            if pause:
-                time.sleep(pause)
-            out[v.name].append(fn(v))
+            out[v.name].append(v.measured(fn))
     return out
 
 
-def figures(samples: dict[str, list[tuple[float, float]]]) -> dict[str, dict[str, object]]:
-    return {name: {"wall_ms": summary([s[0] for s in rows]), "cpu_ms": summary([s[1] for s in rows])}
+def figures(samples: dict[str, list[tuple[float, ...]]]) -> dict[str, dict[str, object]]:
+    return {name: {"wall_ms": summary([s[0] for s in rows]), "cpu_ms": summary([s[1] for s in rows]),
+                   "pmond_cpu_ms": summary([s[2] for s in rows]),
+                   "total_cpu_ms": summary([s[1] + s[2] for s in rows])}
             for name, rows in samples.items()}
 
 
@@ -151,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--services", type=int, default=100)
     ap.add_argument("--others", type=int, default=2000, help=f"idle sleeps started on the host (at most {MAX_OTHERS})")
     ap.add_argument("--runs", type=int, default=20, help="runs per figure (median)")
+    ap.add_argument("--cold-runs", type=int, default=6, help=f"runs of the cold ls, {PSS_IDLE_TTL + 1:g} s apart")
     ap.add_argument("--base", default="HEAD", help="the revision measured as before (default HEAD)")
     ap.add_argument("--worktree", default="/tmp/pmon2-base", help="where to check it out (must not exist)")
     ap.add_argument("--after", default=os.path.join(ROOT, "src"),
@@ -198,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         log("ls, back to back")
         results["ls_warm"] = figures(alternate(variants, args.runs, Variant.ls))
         log(f"ls, {PSS_TTL + 0.5:g} s apart")
-        results["ls_cold"] = figures(alternate(variants, args.runs, Variant.ls, pause=(PSS_TTL + 0.5) / 2))
+        results["ls_apart"] = figures(alternate(variants, args.runs, Variant.ls, pause=PSS_TTL + 0.5))
+        if args.cold_runs:
+            log(f"ls, {PSS_IDLE_TTL + 1:g} s apart, {args.cold_runs} times")
+            results["ls_cold"] = figures(alternate(variants, args.cold_runs, Variant.ls, pause=PSS_IDLE_TTL + 1))
         log("GET /v1/services on the socket")
         results["api"] = figures(alternate(variants, args.runs, lambda v: (v.api_ms(), 0.0)))
         log("ls, the other processes gone")
@@ -226,18 +248,22 @@ def print_report(report: dict[str, object]) -> None:
     assert isinstance(res, dict)
     print(f"host: {report.get('host_processes')} processes while measuring; "
           f"{report['settings']['services']} services per pmond")  # type: ignore[index]
-    rows = [("ls, back to back", "ls_warm"), (f"ls, {PSS_TTL + 0.5:g} s apart (PSS read again)", "ls_cold"),
+    rows = [("ls, back to back", "ls_warm"), (f"ls, {PSS_TTL + 0.5:g} s apart", "ls_apart"),
+            (f"ls, {PSS_IDLE_TTL + 1:g} s apart (PSS read again)", "ls_cold"),
             ("GET /v1/services (pmond's part)", "api"), ("ls, the other processes gone", "ls_warm_no_others")]
+    rows = [(label, key) for label, key in rows if key in res]
     names = list(res["ls_warm"])
-    print(f"{'median ms (CLI CPU ms)':<44}" + "".join(f"{n:>24}" for n in names) + f"{'ratio':>8}")
+    print(f"{'medians, ms: wall / CPU of CLI+pmond':<44}" + "".join(f"{n:>24}" for n in names)
+          + f"{'ratios':>14}")
     for label, key in rows:
         cells = []
         for n in names:
             f = res[key][n]
-            cpu = f["cpu_ms"]["median"]
-            cells.append(f"{f['wall_ms']['median']:.1f}" + (f" ({cpu:.1f})" if cpu else ""))
-        ratio = res[key][names[1]]["wall_ms"]["median"] / res[key][names[0]]["wall_ms"]["median"]
-        print(f"{label:<44}" + "".join(f"{c:>24}" for c in cells) + f"{ratio:>8.2f}")
+            cells.append(f"{f['wall_ms']['median']:.1f} / {f['total_cpu_ms']['median']:.1f}")
+        a, b = (res[key][n] for n in names)
+        ratios = (f"{b['wall_ms']['median'] / a['wall_ms']['median']:.2f} / "
+                  f"{b['total_cpu_ms']['median'] / a['total_cpu_ms']['median']:.2f}")
+        print(f"{label:<44}" + "".join(f"{c:>24}" for c in cells) + f"{ratios:>14}")
     print("reads, µs:", json.dumps(res["read_costs"]))
 
 

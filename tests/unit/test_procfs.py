@@ -35,6 +35,14 @@ def test_parse_stat_comm_ending_with_paren():
     assert st.starttime == 987654
 
 
+def test_parse_stat_bytes_as_read_from_proc():
+    line = stat_line(7, "x) y").encode()
+    assert procfs.parse_stat(7, line) == procfs.parse_stat(7, line.decode())
+    odd = line.replace(b"x) y", b"a\xff(b")  # comm is any bytes, not always UTF-8
+    st = procfs.parse_stat(7, odd)
+    assert st.comm == "a\ufffd(b" and st.starttime == 987654 and st.threads == 20000
+
+
 def test_zombie_not_alive():
     line = stat_line(9, "z").replace(") S ", ") Z ", 1)
     assert procfs.parse_stat(9, line).alive is False

@@ -136,7 +136,7 @@ def test_a_main_process_that_leads_its_session(fake):
     assert figures.processes == 2
 
 
-def test_one_look_at_the_reaper_per_scan_whatever_the_number_of_services(fake):
+def test_init_s_children_are_looked_at_once_whatever_the_number_of_services(fake):
     for k in range(10):
         service(fake, 1000 + 10 * k, sid=999 - k, workers=2)
     fake.add(50, pgrp=50, session=50)
@@ -144,9 +144,26 @@ def test_one_look_at_the_reaper_per_scan_whatever_the_number_of_services(fake):
     scan = sampler.scan()
     got = [scan.usage(1000 + 10 * k, None) for k in range(10)]
     assert all(g is not None and g[0].processes == 3 for g in got)
-    assert fake.getsid_calls == 11  # init's children (10 services and pid 50), once each: not per service
+    # init's children (10 services and pid 50) once each, not once per service; and each service's leader
+    assert fake.getsid_calls == 11 + 10
+    fake.now += 1.0
     sampler.scan().usage(1000, None)
-    assert fake.getsid_calls == 22  # a new request, a new look
+    assert fake.getsid_calls == 21 + 1  # the next request within ORPHANS_TTL: the same list of init's children
+    fake.now += usage.ORPHANS_TTL
+    sampler.scan().usage(1000, None)
+    assert fake.getsid_calls == 22 + 11 + 1  # looked at again
+
+
+def test_a_new_orphan_is_found_once_the_orphan_list_is_renewed(fake):
+    service(fake, 100, sid=99, workers=1)
+    sampler = fake.sampler()
+    assert sampler.scan().usage(100, None)[0].processes == 2
+    fake.remove(101)
+    fake.add(101, pgrp=100, session=99)  # its parent exited: init's child now
+    fake.now += 1.0
+    assert sampler.scan().usage(100, None)[0].processes == 1  # not seen yet: at most ORPHANS_TTL late
+    fake.now += usage.ORPHANS_TTL
+    assert sampler.scan().usage(100, None)[0].processes == 2
 
 
 def test_nothing_is_looked_at_when_nothing_runs(fake):
@@ -160,8 +177,9 @@ def test_nothing_is_looked_at_when_nothing_runs(fake):
 def test_an_orphan_whose_pid_was_reused_since_the_look_is_not_counted(fake):
     service(fake, 100, sid=99)
     fake.add(102, pgrp=100, session=99)  # an orphan, now init's child
-    scan = fake.sampler().scan()
-    assert scan.reaped(1)[99] == [100, 102]  # main too: it is init's child as well
+    sampler = fake.sampler()
+    scan = sampler.scan()
+    assert sampler.reaped(1, scan.at)[99] == [100, 102]  # main too: it is init's child as well
     fake.remove(102)
     fake.add(102, pgrp=300, session=300)  # another process got pid 102 since
     figures, _ = scan.usage(100, None)
@@ -194,6 +212,29 @@ def test_pss_cached_for_its_ttl_unless_rss_moves(fake):
     fake.now += 2.5
     sampler.scan().usage(100, None)
     assert fake.pss_reads == [100, 100, 100]
+
+
+def test_pss_of_an_idle_process_is_kept_longer_while_its_service_is_unchanged(fake):
+    service(fake, 100, sid=99, utime=5)
+    sampler = fake.sampler(pss_ttl=2.0)
+    _, prev = sampler.scan().usage(100, None)
+    fake.now += 2.5  # past PSS_TTL, but it has not run and is still alone
+    _, prev = sampler.scan().usage(100, prev)
+    assert fake.pss_reads == [100]
+    fake.add(100, pgrp=100, session=99, utime=6)  # it ran
+    fake.now += 2.5
+    _, prev = sampler.scan().usage(100, prev)
+    assert fake.pss_reads == [100, 100]
+    fake.add(101, ppid=100, pgrp=100, session=99, utime=0)  # a new worker may share its pages now
+    fake.now += 2.5
+    _, prev = sampler.scan().usage(100, prev)
+    assert fake.pss_reads == [100, 100, 100, 101]
+    fake.now += 2.5
+    _, prev = sampler.scan().usage(100, prev)
+    assert len(fake.pss_reads) == 4  # both idle, the same two
+    fake.now += usage.PSS_IDLE_TTL
+    sampler.scan().usage(100, prev)
+    assert len(fake.pss_reads) == 6
 
 
 def test_cpu_sums_the_processes_and_keeps_the_main_one_apart(fake):
@@ -278,14 +319,6 @@ def test_a_main_process_in_pmonds_own_session_is_matched_by_group(fake):
     fake.add(50, pgrp=7, session=own)  # another process of pmond's session: not the service's
     figures, _ = fake.sampler().scan().usage(100, None)
     assert figures.processes == 2
-
-
-def test_shared_scan_is_reused_briefly(fake):
-    sampler = fake.sampler()
-    a = sampler.shared_scan()
-    assert sampler.shared_scan() is a
-    fake.now += usage.SHARED_SCAN_AGE + 0.01
-    assert sampler.shared_scan() is not a
 
 
 def test_usage_fields_are_the_view_fields():

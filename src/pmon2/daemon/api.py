@@ -140,7 +140,7 @@ class Api:
     async def list_services(self, caller: Caller, **_: Any) -> tuple[int, Any]:
         from pmon2.daemon.usage import SAMPLER
 
-        scan = SAMPLER.scan()  # one look at /proc for the whole list, not one per service
+        scan = SAMPLER.scan()  # one for the whole list (usage.Scan), not one per service
         return 200, [self.sup.view(s, scan=scan) for s in self.sup.services.values() if caller.owns(s.uid)]
 
     async def create_service(self, caller: Caller, fields: dict[str, Any], **_: Any) -> tuple[int, Any]:
@@ -160,9 +160,7 @@ class Api:
     async def get_service(self, ref: str, caller: Caller, options: dict[str, Any], **_: Any) -> tuple[int, Any]:
         svc = self.sup.find(ref, caller)
         # Owners only reach this far, so show_env is already limited to root and the service's user.
-        from pmon2.daemon.usage import SAMPLER
-
-        return 200, self.sup.view(svc, detail=True, show_env=options["show_env"], scan=SAMPLER.scan())
+        return 200, self.sup.view(svc, detail=True, show_env=options["show_env"])
 
     async def delete_service(self, ref: str, caller: Caller, options: dict[str, Any], **_: Any) -> tuple[int, Any]:
         svc = await self.sup.delete(self._own(ref, caller), force=options["force"])
