@@ -116,6 +116,20 @@ class Parser(argparse.ArgumentParser):
         return self.formatter_class(prog=self.prog, width=_columns() - 2)
 
 
+def _flag_value(flag: str, eq: str, inline: str, tokens: list[str], i: int) -> tuple[Any, int]:
+    """The value of the run flag `flag` (True for one that takes none), and the index of the next token.
+    `eq`/`inline`: what stood after an `=` in the same token."""
+    if not RUN_FLAGS[flag][1]:
+        if eq:
+            raise UsageError(f"{flag} takes no value")
+        return True, i
+    if eq:
+        return inline, i
+    if i < len(tokens):
+        return tokens[i], i + 1
+    raise UsageError(f"{flag} needs a value")
+
+
 def split_run_args(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
     """Separate pmon2's flags from the service's argv; everything after `--` is the service's."""
     import shlex
@@ -138,20 +152,11 @@ def split_run_args(tokens: list[str]) -> tuple[dict[str, Any], list[str]]:
             tok = RUN_SHORT[tok]
         flag, eq, inline = tok.partition("=")
         if flag in RUN_FLAGS and (not argv or (tok.startswith("--") and flag not in BEFORE_ONLY)):
-            dest, takes_value = RUN_FLAGS[flag]
-            if not takes_value:
-                if eq:
-                    raise UsageError(f"{flag} takes no value")
+            dest = RUN_FLAGS[flag][0]
+            value, i = _flag_value(flag, eq, inline, tokens, i)
+            if value is True:
                 opts[dest] = True
-                continue
-            if eq:
-                value = inline
-            elif i < len(tokens):
-                value = tokens[i]
-                i += 1
-            else:
-                raise UsageError(f"{flag} needs a value")
-            if dest in REPEATABLE:
+            elif dest in REPEATABLE:
                 opts.setdefault(dest, []).append(value)
             elif dest == "args":
                 try:
@@ -196,6 +201,18 @@ def _say(text: str) -> None:
 # commands
 
 
+def _switches(opts: dict[str, Any]) -> dict[str, Any]:
+    """The fields that run's valueless flags set (for `run` and `update`)."""
+    fields: dict[str, Any] = {}
+    if opts.get("no_autorestart"):
+        fields["restart"] = "no"
+    if opts.get("no_autostart"):
+        fields["autostart"] = False
+    if opts.get("log_compress"):
+        fields["log_compress"] = True
+    return fields
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     opts, argv = split_run_args(args.rest)
     if not argv:
@@ -204,13 +221,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     env = _env_changes(opts, spec.service_env(os.environ))  # --env-clear, --env-file F, --env K=V
     cwd = os.path.abspath(opts["cwd"]) if opts.get("cwd") else os.getcwd()  # relative: to the caller's cwd
-    body: dict[str, Any] = {"argv": argv, "cwd": cwd, "env": env}
-    if opts.get("no_autorestart"):
-        body["restart"] = "no"
-    if opts.get("no_autostart"):
-        body["autostart"] = False
-    if opts.get("log_compress"):
-        body["log_compress"] = True
+    body: dict[str, Any] = {"argv": argv, "cwd": cwd, "env": env, **_switches(opts)}
     for key in RUN_FIELDS:
         if key in opts:
             body[key] = spec.SERVICE[key].from_text(opts[key])
@@ -705,20 +716,9 @@ def split_update_args(tokens: list[str]) -> tuple[dict[str, Any], list[str] | No
         if flag == "--name" or flag not in RUN_FLAGS:
             hint = "; rename it with `pmon2 rename`" if flag == "--name" else " (see 'pmon2 update --help')"
             raise UsageError(f"update takes no {flag}{hint}")
-        dest, takes_value = RUN_FLAGS[flag]
-        if not takes_value:
-            if eq:
-                raise UsageError(f"{flag} takes no value")
-            opts[dest] = True
-            continue
-        if eq:
-            value = inline
-        elif i < len(tokens):
-            value = tokens[i]
-            i += 1
-        else:
-            raise UsageError(f"{flag} needs a value")
-        if dest in REPEATABLE or dest == "env_file":
+        dest = RUN_FLAGS[flag][0]
+        value, i = _flag_value(flag, eq, inline, tokens, i)
+        if dest in REPEATABLE and value is not True:
             opts.setdefault(dest, []).append(value)
         else:
             opts[dest] = value
@@ -781,12 +781,7 @@ def update_fields(opts: dict[str, Any], argv: list[str] | None, stored: Callable
         fields["argv"] = spec.SERVICE["argv"].validate([*(argv or stored()["argv"][:1]), *extra])
     if "cwd" in opts:
         fields["cwd"] = spec.SERVICE["cwd"].validate(os.path.abspath(opts["cwd"]))
-    if opts.get("no_autorestart"):
-        fields["restart"] = "no"
-    if opts.get("no_autostart"):
-        fields["autostart"] = False
-    if opts.get("log_compress"):
-        fields["log_compress"] = True
+    fields.update(_switches(opts))
     done = {"env", "env_file", "env_clear", "args", "cwd", "no_autorestart", "no_autostart", "log_compress"}
     for dest, value in opts.items():
         if dest in done:

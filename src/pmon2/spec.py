@@ -192,6 +192,18 @@ def check_name(value: Any) -> str:
     return name
 
 
+def sanitize_name(raw: str) -> str:
+    """A name from another manager made to fit check_name's rules as near as it can be: NFC, each other
+    character as `-`, no leading `.`/`-`, cut to the limits. May come back empty (or still refused:
+    only digits, a reserved word): the caller checks it and reports the change."""
+    text = unicodedata.normalize("NFC", raw)
+    text = "".join(c if c in "._-@+" or unicodedata.category(c)[0] in "LN" else "-" for c in text)
+    text = re.sub(r"-{2,}", "-", text).lstrip(".-").rstrip("-")
+    while len(text) > NAME_MAX_CHARS or len(text.encode()) > NAME_MAX_BYTES:
+        text = text[:-1]
+    return text
+
+
 def parse_id(ref: str) -> int | None:
     """A service id when `ref` is ASCII digits (so '²' or '٣' are never ids), else None."""
     if ref.isascii() and ref.isdigit() and len(ref) <= 18:

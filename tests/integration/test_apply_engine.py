@@ -17,6 +17,8 @@ import pytest
 
 from pmon2.daemon.supervisor import Supervisor
 
+from .peer import request_as as _request_as
+
 NEEDED = ("request_fields", "groups", "update", "scale", "wait_for")
 MISSING = [m for m in NEEDED if not hasattr(Supervisor, m)]
 pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"Supervisor lacks {', '.join(MISSING)} (the lead's part)")
@@ -280,34 +282,6 @@ def test_dump_round_trip_and_masking(up: Any) -> None:
 
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: pmond as root, a client as nobody")
-
-
-def _request_as(uid: int, sock_path: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    """One request from a forked child that dropped to `uid` (no exec): (status, JSON)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            payload = b"" if body is None else json.dumps(body).encode()
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(60)
-                s.connect(sock_path)
-                s.sendall(f"{method} {path} HTTP/1.1\r\nHost: pmon2\r\nConnection: close\r\n"
-                          f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-                while chunk := s.recv(65536):
-                    os.write(w, chunk)
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as fh:
-        data = fh.read()
-    os.waitpid(pid, 0)
-    head, _, payload = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(payload) if payload.strip() else None
 
 
 @needs_root

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import sys
 from collections.abc import Iterator
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from .peer import request_as
 
 NEWER = ('CREATE TABLE "process" ("id" integer primary key autoincrement,"created_at" datetime,"updated_at" datetime,'
          '"deleted_at" datetime,"pid" integer,"log" varchar(255),"name" varchar(255),"process_file" varchar(255),'
@@ -417,33 +418,6 @@ def test_stop_old_under_upstart_stops_its_job(pmon: Any, go: GoPmon2, tmp_path: 
 # who may import
 
 
-def _request_as(uid: int, sock_path: str, body: Any) -> int:
-    """POST /v1/adopt from a child process running as `uid`; the HTTP status."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            payload = json.dumps(body).encode()
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(20)
-                s.connect(sock_path)
-                s.sendall(f"POST /v1/adopt HTTP/1.1\r\nHost: pmon2\r\nConnection: close\r\n"
-                          f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-                while chunk := s.recv(65536):
-                    os.write(w, chunk)
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as fh:
-        data = fh.read()
-    os.waitpid(pid, 0)
-    return int(data.split()[1])
-
-
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: pmond as root, a client as nobody")
 def test_adoption_is_roots_alone(pmon: Any, go: GoPmon2) -> None:
     a = go.program("alpha")
@@ -452,5 +426,6 @@ def test_adoption_is_roots_alone(pmon: Any, go: GoPmon2) -> None:
     pmon.run("daemon", "start")
     for d in (pmon.home, pmon.home / "run"):
         os.chmod(d, 0o711)
-    status = _request_as(NOBODY, str(pmon.socket), {"argv": [a, "100051"], "pid": pa, "name": "alpha"})
+    status, _ = request_as(NOBODY, str(pmon.socket), "POST", "/v1/adopt",
+                           {"argv": [a, "100051"], "pid": pa, "name": "alpha"})
     assert status == 403 and pmon.services() == [] and go.alive(pa)

@@ -9,49 +9,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 from typing import Any
 
 import pytest
 
+from .peer import request_as as _request_as
+
 NOBODY = 65534
 # "needs root" starts the reason: in CI a skip for that reason fails (tests/conftest.py).
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: pmond as root, a client as nobody")
-
-
-def _request_as(uid: int, sock_path: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-    """One HTTP request over the Unix socket from a child process running as `uid`: (status, JSON)."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: drop to uid, ask, write the raw answer to the pipe
-        code = 1
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            payload = b"" if body is None else json.dumps(body).encode()
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(20)
-                s.connect(sock_path)
-                s.sendall(f"{method} {path} HTTP/1.1\r\nHost: pmon2\r\nConnection: close\r\n"
-                          f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-                while chunk := s.recv(65536):
-                    os.write(w, chunk)
-            code = 0
-        except BaseException as exc:
-            os.write(w, f"ERROR {exc!r}".encode())
-        finally:
-            os._exit(code)
-    os.close(w)
-    data = b""
-    with os.fdopen(r, "rb") as fh:
-        data = fh.read()
-    os.waitpid(pid, 0)
-    assert data.startswith(b"HTTP/1.1 "), data[:200]
-    head, _, payload = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(payload) if payload.strip() else None
 
 
 def test_secrets_are_masked_in_every_view(pmon: Any) -> None:

@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import unicodedata
 from typing import Any
 
 from pmon2 import spec as model
@@ -115,13 +114,6 @@ def seconds(value: float) -> int | float:
     return round(value, 3)
 
 
-def _sanitize(raw: str) -> str:
-    text = unicodedata.normalize("NFC", raw)
-    text = "".join(c if c in "._-@+" or unicodedata.category(c)[0] in "LN" else "-" for c in text)
-    text = re.sub(r"-{2,}", "-", text).lstrip(".-").rstrip("-")
-    while len(text) > model.NAME_MAX_CHARS or len(text.encode()) > model.NAME_MAX_BYTES:
-        text = text[:-1]
-    return text
 
 
 def service_name(raw: str, taken: set[str], unmapped: Unmapped, where: str) -> str:
@@ -131,11 +123,11 @@ def service_name(raw: str, taken: set[str], unmapped: Unmapped, where: str) -> s
         name = model.check_name(raw)
     except ValueError as exc:
         why = str(exc)
-        name = _sanitize(raw)
+        name = model.sanitize_name(raw)
         try:
             name = model.check_name(name)
         except ValueError:
-            name = model.check_name(_sanitize(f"app-{name}") or "app")
+            name = model.check_name(model.sanitize_name(f"app-{name}") or "app")
     if name.casefold() in taken:
         why = why or f"{name!r} is used by another service of this file"
         base, n = name, 1

@@ -34,7 +34,6 @@ import sqlite3
 import subprocess
 import tempfile
 import time
-import unicodedata
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -246,7 +245,7 @@ def pmon2_name(raw: str, process_file: str, row: int, taken: set[str]) -> tuple[
         name = model.check_name(raw)
     except ValueError as exc:
         why = str(exc)
-        name = _sanitize(raw) or _sanitize(os.path.basename(process_file)) or f"pmon2-go-{row}"
+        name = model.sanitize_name(raw) or model.sanitize_name(os.path.basename(process_file)) or f"pmon2-go-{row}"
         for fix in (name, f"{name}-go", f"go-{name}"):
             try:
                 name = model.check_name(fix)
@@ -267,13 +266,6 @@ def pmon2_name(raw: str, process_file: str, row: int, taken: set[str]) -> tuple[
     return name, why
 
 
-def _sanitize(raw: str) -> str:
-    text = unicodedata.normalize("NFC", raw)
-    text = "".join(c if c in "._-@+" or unicodedata.category(c)[0] in "LN" else "-" for c in text)
-    text = re.sub(r"-{2,}", "-", text).lstrip(".-").rstrip("-")
-    while len(text) > model.NAME_MAX_CHARS or len(text.encode()) > model.NAME_MAX_BYTES:
-        text = text[:-1]
-    return text
 
 
 # the plan: one candidate service per row
