@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--others", type=int, default=2000, help=f"idle sleeps started on the host (at most {MAX_OTHERS})")
     ap.add_argument("--runs", type=int, default=20, help="runs per figure (median)")
     ap.add_argument("--cold-runs", type=int, default=6, help=f"runs of the cold ls, {PSS_IDLE_TTL + 1:g} s apart")
-    ap.add_argument("--base", default="HEAD", help="the revision measured as before (default HEAD)")
+    ap.add_argument("--base", default="e3b3a4c",
+                    help="the revision measured as before (default e3b3a4c: the code before whole-service usage)")
     ap.add_argument("--worktree", default="/tmp/pmon2-base", help="where to check it out (must not exist)")
     ap.add_argument("--after", default=os.path.join(ROOT, "src"),
                     help="the source dir measured as after (default: this tree's src)")

@@ -24,8 +24,6 @@ from typing import Any
 import pytest
 
 DEAD_STATES = ("Z", "X", "x")
-# Fields of a service view that change on their own from one call to the next.
-VOLATILE_FIELDS = ("uptime_s", "cpu_percent", "mem_bytes", "retry_in_s")
 
 
 # /proc helpers
