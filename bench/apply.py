@@ -3,6 +3,7 @@
 supervisor's `supervisorctl reread; supervisorctl update`, on this machine.
 
     .venv/bin/python bench/apply.py [--install-peers] [--trials 5] [--sizes 100,1000] [--json PATH]
+                                    [--home-dir /dev/shm] [--pmon2-src DIR]
 
 For each manager and size, each trial starts a fresh daemon in a scratch home (compare.py's managers:
 PMON2_HOME, PM2_HOME, a private supervisord.conf) and writes one file with N services, each `sleep
@@ -12,7 +13,20 @@ PMON2_HOME, PM2_HOME, a private supervisord.conf) and writes one file with N ser
   `supervisorctl reread` + `supervisorctl update`) until every one of the N processes runs (found in /proc
   by its command line); also when the command returned;
 - **re-apply**: the same command again with the file unchanged, and whether any process was replaced;
-- for pmon2 also pmond's own share: the same POST /v1/apply sent without the CLI (the body the CLI sends).
+- for pmon2 also pmond's own share: the same POST /v1/apply sent without the CLI (the body the CLI sends),
+  and the CPU time of pmond's launcher with the intermediates it forked (the launches' side of the work);
+- the machine's load average (1 minute) before each trial: this bench shares the machine.
+
+Scratch homes are deleted at the end of the run, not after each trial: on ext4, creating a file within 30 s of
+the deletion of thousands (the previous trial's logs) cost 7-9 times the CPU (0.12 ms became 0.8-1.1 ms,
+`recently_deleted` in the inode allocator), and every manager creates files for each new service.
+
+pmon2's modules run from bytecode, as they do once installed: the bench compiles them first and takes
+PYTHONDONTWRITEBYTECODE out of pmon2's environment (with it, every CLI run compiled its modules again, 50 ms
+of a 100 ms re-apply). `--home-dir` puts every manager's scratch home elsewhere than /tmp: on a tmpfs
+(/dev/shm) it shows what the disk costs (pmon2 creates three files per new service: two logs and its launch
+record; pmond's run dir is a tmpfs on a real install). `--pmon2-src DIR` measures another copy of pmon2's
+src/ (an A/B against the tree as it was: `git archive`), as manager "pmon2@DIR", interleaved with the others.
 
 The goals of issue 12: apply of 100 services until all run <= 0.5 s, re-apply of an unchanged file
 <= 100 ms, a 1,000-service file <= 5 s. The peers run with 100 services (`--peers-1000` adds 1,000). Peers
@@ -26,6 +40,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -59,6 +74,21 @@ def daemon_cpu_ms(pid: int | None) -> float | None:
     and pm2's apps are its children."""
     figures = compare.cpu_figures(pid) if pid else None
     return figures["ns"] / 1e6 if figures else None
+
+
+def launcher_cpu_ms(daemon: int | None) -> float | None:
+    """CPU time of pmond's launcher and of the intermediates it forked and reaped (utime, stime, cutime and
+    cstime: 10 ms ticks), in ms."""
+    if not daemon:
+        return None
+    for pid in compare.all_pids():
+        stat = compare.read_bytes(f"/proc/{pid}/stat")
+        if not stat or b"(pmond-launcher)" not in stat:
+            continue
+        fields = stat.rsplit(b")", 1)[1].split()
+        if int(fields[1]) == daemon:
+            return sum(int(x) for x in fields[11:15]) * 1000 / os.sysconf("SC_CLK_TCK")
+    return None
 
 
 def pids_of(numbers: list[int]) -> dict[int, int]:
@@ -145,16 +175,20 @@ def run_commands(tool: object, env: dict[str, str], cwd: str) -> tuple[float, fl
 
 def one_trial(name: str, make: object, size: int, numbers: list[int]) -> dict[str, object]:
     mgr = make(name, numbers)  # type: ignore[operator]
-    tool = {"pmon2": Pmon2Apply, "pm2": Pm2Apply, "supervisor": SupervisorApply}[name](mgr)
+    kind = name.split("@")[0]
+    tool = {"pmon2": Pmon2Apply, "pm2": Pm2Apply, "supervisor": SupervisorApply}[kind](mgr)
     try:
+        load = os.getloadavg()[0]
         mgr.start()
         tool.write(numbers)
         daemon = mgr.daemon_pid()
+        launcher0 = launcher_cpu_ms(daemon) if kind == "pmon2" else None
         cpu0 = daemon_cpu_ms(daemon)
         t0 = time.perf_counter()
         returned_ms, cpu_ms = run_commands(tool, mgr.env, mgr.home)
         running_ms = wait_running(mgr, numbers, t0, timeout=120 + size * 0.2)
         cpu1 = daemon_cpu_ms(daemon)
+        launcher1 = launcher_cpu_ms(daemon) if kind == "pmon2" else None
         before = pids_of(numbers)
         cpu2 = daemon_cpu_ms(daemon)
         again_ms, again_cpu = run_commands(tool, mgr.env, mgr.home)
@@ -169,8 +203,11 @@ def one_trial(name: str, make: object, size: int, numbers: list[int]) -> dict[st
             "reapply_replaced": sum(before.get(n) != after.get(n) for n in numbers),
             "apply_daemon_cpu_ms": None if cpu0 is None or cpu1 is None else round(cpu1 - cpu0, 1),
             "reapply_daemon_cpu_ms": None if cpu2 is None or cpu3 is None else round(cpu3 - cpu2, 1),
+            "loadavg_1min": round(load, 2),
         }
-        if name == "pmon2":
+        if launcher0 is not None and launcher1 is not None:
+            out["apply_launcher_cpu_ms"] = round(launcher1 - launcher0, 1)
+        if kind == "pmon2":
             out["reapply_api_ms"] = round(min(tool.api_reapply_ms() for _ in range(3)), 1)  # type: ignore[attr-defined]
         return out
     finally:
@@ -194,8 +231,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peers-1000", action="store_true", help="also run the peers above 100 services (slow)")
     ap.add_argument("--pmon2-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra environment for pmon2's CLI and pmond")
+    ap.add_argument("--home-dir", default="/tmp", help="where the scratch homes go (default /tmp; /dev/shm: a tmpfs)")
+    ap.add_argument("--pmon2-src", action="append", default=[], metavar="DIR",
+                    help="also measure the pmon2 of another src/ dir (repeatable), as pmon2@DIR")
     ap.add_argument("--json", default=os.path.join(HERE, "apply-results.json"))
     args = ap.parse_args(argv)
+    if args.home_dir != "/tmp":
+        real_mkdtemp = compare.tempfile.mkdtemp
+
+        def mkdtemp(*a: object, **k: object) -> str:  # compare.Manager makes each home in /tmp
+            if k.get("dir") == "/tmp":
+                k["dir"] = args.home_dir
+            return real_mkdtemp(*a, **k)  # type: ignore[arg-type]
+
+        compare.tempfile.mkdtemp = mkdtemp  # type: ignore[assignment]
+    compile_bytecode([os.path.join(compare.ROOT, "src"), *args.pmon2_src])
 
     if args.install_peers:
         compare.install_peers(args.pm2_spec, args.supervisor_spec)
@@ -203,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
     wanted = [m.strip() for m in args.managers.split(",") if m.strip()]
     pm2_bin, sup_dir = compare.find_pm2(), compare.find_supervisor()
     names, skipped = [], {}
-    for name in ("pmon2", "pm2", "supervisor"):
+    for name in ("pmon2", *(f"pmon2@{os.path.abspath(d)}" for d in args.pmon2_src), "pm2", "supervisor"):
+        if name.startswith("pmon2@") and "pmon2" in wanted:
+            names.append(name)
+            continue
         if name not in wanted:
             continue
         if (name == "pm2" and not pm2_bin) or (name == "supervisor" and not sup_dir):
@@ -215,56 +268,68 @@ def main(argv: list[str] | None = None) -> int:
 
     marker = f"{os.getpid()}-{random.randrange(1 << 30)}"
     slot = [0]
+    homes: list[str] = []
+    compare.KEEP_HOMES = True  # each trial's teardown keeps its home; all are deleted at the end
 
     def make(name: str, numbers: list[int]) -> compare.Manager:
         slot[0] += 1
-        tag = f"apply-{name}-{slot[0]}"
-        if name == "pmon2":
+        tag = f"apply-{name.split('@')[0]}-{slot[0]}"
+        if name.startswith("pmon2"):
             m: compare.Manager = compare.Pmon2(numbers, marker, tag)
             m.env |= dict(kv.split("=", 1) for kv in args.pmon2_env)
+            m.env.pop("PYTHONDONTWRITEBYTECODE", None)  # bytecode, as installed (compile_bytecode)
+            if "@" in name:
+                m.env["PYTHONPATH"] = name.split("@", 1)[1]  # ahead of the venv's editable install
         elif name == "pm2":
             m = compare.Pm2(pm2_bin, numbers, marker, tag)
         else:
             m = compare.Supervisor(sup_dir, numbers, marker, tag)
+        homes.append(m.home)
         return m
 
     report: dict[str, object] = {
         "machine": compare.machine(), "command": " ".join([os.path.relpath(sys.executable, compare.ROOT), *sys.argv]),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "pmon2_commit": compare.git_commit(),
         "settings": {"sizes": sizes, "trials": args.trials, "peers_1000": args.peers_1000,
-                     "pmon2_env": args.pmon2_env},
+                     "pmon2_env": args.pmon2_env, "home_dir": args.home_dir, "pmon2_src": args.pmon2_src,
+                     "bytecode": "compiled first; PYTHONDONTWRITEBYTECODE removed from pmon2's environment"},
         "versions": {}, "skipped": skipped, "results": {},
     }
     results: dict[str, dict[str, object]] = report["results"]  # type: ignore[assignment]
-    for size in sizes:
-        for trial in range(args.trials):
-            for name in names:  # interleaved: a busy moment of the machine hits every manager alike
-                if name != "pmon2" and size > 100 and not args.peers_1000:
-                    continue
-                base = random.randrange(100_000, 900_000) * 10_000
-                while find_sleepers(set(range(base, base + size))):
+    try:
+        for size in sizes:
+            for trial in range(args.trials):
+                for name in names:  # interleaved: a busy moment of the machine hits every manager alike
+                    if not name.startswith("pmon2") and size > 100 and not args.peers_1000:
+                        continue
                     base = random.randrange(100_000, 900_000) * 10_000
-                numbers = list(range(base, base + size))
-                log(f"{name}: {size} services, trial {trial + 1}/{args.trials}")
-                entry = results.setdefault(name, {}).setdefault(str(size), {"trials": []})
-                try:
-                    entry["trials"].append(one_trial(name, make, size, numbers))  # type: ignore[index, union-attr]
-                except (RuntimeError, OSError) as exc:
-                    log(f"{name}: {exc}")
-                    entry["trials"].append({"error": str(exc)})  # type: ignore[union-attr]
-    for name in names:
-        with_version = make(name, [])
-        try:
-            report["versions"][name] = with_version.version()  # type: ignore[index]
-        except (RuntimeError, OSError):
-            report["versions"][name] = "?"  # type: ignore[index]
-        finally:
-            with_version.teardown()
-        for entry in results.get(name, {}).values():
-            trials = entry["trials"]  # type: ignore[index]
-            entry["median"] = {k: median_of(trials, k) for k in (  # type: ignore[index]
-                "apply_returned_ms", "apply_running_ms", "apply_cli_cpu_ms", "reapply_ms", "reapply_cli_cpu_ms",
-                "reapply_api_ms", "reapply_replaced", "apply_daemon_cpu_ms", "reapply_daemon_cpu_ms")}
+                    while find_sleepers(set(range(base, base + size))):
+                        base = random.randrange(100_000, 900_000) * 10_000
+                    numbers = list(range(base, base + size))
+                    log(f"{name}: {size} services, trial {trial + 1}/{args.trials}")
+                    entry = results.setdefault(name, {}).setdefault(str(size), {"trials": []})
+                    try:
+                        entry["trials"].append(one_trial(name, make, size, numbers))  # type: ignore[index, union-attr]
+                    except (RuntimeError, OSError) as exc:
+                        log(f"{name}: {exc}")
+                        entry["trials"].append({"error": str(exc)})  # type: ignore[union-attr]
+        for name in names:
+            with_version = make(name, [])
+            try:
+                report["versions"][name] = with_version.version()  # type: ignore[index]
+            except (RuntimeError, OSError):
+                report["versions"][name] = "?"  # type: ignore[index]
+            finally:
+                with_version.teardown()
+            for entry in results.get(name, {}).values():
+                trials = entry["trials"]  # type: ignore[index]
+                entry["median"] = {k: median_of(trials, k) for k in (  # type: ignore[index]
+                    "apply_returned_ms", "apply_running_ms", "apply_cli_cpu_ms", "reapply_ms", "reapply_cli_cpu_ms",
+                    "reapply_api_ms", "reapply_replaced", "apply_daemon_cpu_ms", "reapply_daemon_cpu_ms",
+                    "apply_launcher_cpu_ms", "loadavg_1min")}
+    finally:
+        for home in homes:
+            shutil.rmtree(home, ignore_errors=True)
     pm = results.get("pmon2", {})
     report["goals"] = {
         "apply_100_ms": [GOALS["apply_100_ms"], pm.get("100", {}).get("median", {}).get("apply_running_ms")],
@@ -272,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         "apply_1000_ms": [GOALS["apply_1000_ms"], pm.get("1000", {}).get("median", {}).get("apply_running_ms")],
     }
     report["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    report["loadavg_at_end"] = os.getloadavg()
     with open(args.json, "w") as fh:
         json.dump(report, fh, indent=1)
     print_table(report)
@@ -288,7 +354,9 @@ def print_table(report: dict[str, object]) -> None:
             ("re-apply, unchanged", "reapply_ms"), ("re-apply: pmond's share (API)", "reapply_api_ms"),
             ("re-apply: processes replaced", "reapply_replaced"), ("CPU of the daemon, apply", "apply_daemon_cpu_ms"),
             ("CPU of the CLI, apply", "apply_cli_cpu_ms"), ("CPU of the daemon, re-apply", "reapply_daemon_cpu_ms"),
-            ("CPU of the CLI, re-apply", "reapply_cli_cpu_ms")]
+            ("CPU of the CLI, re-apply", "reapply_cli_cpu_ms"),
+            ("CPU of pmond's launcher and intermediates, apply", "apply_launcher_cpu_ms"),
+            ("load average (1 min) before the trial", "loadavg_1min")]
     sizes = sorted({int(s) for r in results.values() for s in r})
     for size in sizes:
         for label, key in rows:
@@ -301,6 +369,14 @@ def print_table(report: dict[str, object]) -> None:
     for goal, (limit, value) in report["goals"].items():  # type: ignore[union-attr]
         verdict = "-" if value is None else ("met" if value <= limit else "MISSED")
         print(f"goal {goal} <= {limit:g}: {value} {verdict}")
+
+
+def compile_bytecode(dirs: list[str]) -> None:
+    """Write the bytecode of pmon2's modules, as an install does (pip compiles them)."""
+    import compileall
+
+    for d in dirs:
+        compileall.compile_dir(os.path.join(d, "pmon2"), quiet=1)
 
 
 if __name__ == "__main__":

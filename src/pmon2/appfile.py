@@ -69,14 +69,23 @@ def dotted(path: Path) -> str:
 
 
 class Lines:
-    """Path -> line: the line of a key, or of the nearest table above it that has one."""
+    """Path -> line: the line of a key, or of the nearest table above it that has one. `scan` finds them
+    when a line is first asked for: a file without problems never needs them."""
 
-    def __init__(self, lines: dict[Path, int] | None = None) -> None:
-        self.lines = lines or {}
+    def __init__(self, lines: dict[Path, int] | None = None, scan: Callable[[], Lines] | None = None) -> None:
+        self._lines = lines or {}
+        self.scan = scan
+
+    @property
+    def lines(self) -> dict[Path, int]:
+        if self.scan is not None:
+            self._lines, self.scan = self.scan()._lines, None
+        return self._lines
 
     def __call__(self, path: Path) -> int | None:
+        lines = self.lines
         for end in range(len(path), 0, -1):
-            line = self.lines.get(tuple(path[:end]))
+            line = lines.get(tuple(path[:end]))
             if line is not None:
                 return line
         return None
@@ -163,7 +172,7 @@ def _parse_toml(text: str, name: str) -> tuple[Any, Lines]:
         line = int(m.group(1)) if m else None
         message = message[:m.start()] if m else message.replace(" (at end of document)", "")
         raise AppFileError([Problem(name, line, (), f"not valid TOML: {message}")]) from None
-    return data, toml_lines(text)
+    return data, Lines(scan=lambda: toml_lines(text))
 
 
 def _parse_yaml(text: str, name: str) -> tuple[Any, Lines]:
@@ -528,13 +537,9 @@ def _service(r: _Reader, name: str, where: Path, items: dict[str, tuple[Any, Pat
         if good:
             good, svc[key] = r.check(spec.SERVICE[key], value, path)
         ok = ok and good
-    if not ok:
-        return None
-    try:
-        return spec.check_body(svc, spec.SERVICE_FIELDS)  # the whole object, as pmond will check it
-    except BadRequest as exc:
-        r.add(where, exc.message)
-        return None
+    # Every value was checked above by its own field of SERVICE_FIELDS (the name by _services): what
+    # check_body would do again, once more per service (pmond checks the whole object anyway).
+    return svc if ok else None
 
 
 def _inherited(r: _Reader, patterns: tuple[str, ...]) -> dict[str, str]:
@@ -633,8 +638,6 @@ PLAN_MARKS = {"create": "+", "change": "~", "unchanged": "=", "remove": "-"}
 
 def render_plan(answer: dict[str, Any], sent: list[dict[str, Any]], dry_run: bool) -> tuple[list[str], list[str]]:
     """pmond's plan -> (one line per service and a summary, for stdout; one line per failure, for stderr)."""
-    from pmon2.render.words import plural
-
     instances = {s["name"]: s.get("instances", 1) for s in sent}
     out: list[str] = []
     err: list[str] = []
@@ -656,7 +659,8 @@ def render_plan(answer: dict[str, Any], sent: list[dict[str, Any]], dry_run: boo
         out.append(line)
     counts = answer.get("summary") or {}
     n = {k: int(counts.get(k, 0)) for k in ("create", "change", "unchanged", "remove", "failed")}
-    restart_note = f" ({plural(restarts, 'restart')})" if restarts else ""
+    # words.plural, without importing render.words for one word (the CLI's every ms counts on a re-apply)
+    restart_note = f" ({restarts} restart{'s' if restarts != 1 else ''})" if restarts else ""
     if dry_run:
         parts = [f"{n['create']} to create", f"{n['change']} to change{restart_note}", f"{n['unchanged']} unchanged"]
         parts += [f"{n['remove']} to remove"] if n["remove"] else []

@@ -73,15 +73,21 @@ RUN_FLAGS: dict[str, tuple[str, bool]] = {
     "--group": ("group", True), "--restart": ("restart", True), "--max-restarts": ("max_restarts", True),
     "--reload-signal": ("reload_signal", True), "--instances": ("instances", True), "--port": ("port", True),
     "--tag": ("tags", True), "--ready": ("ready", True), "--no-autostart": ("no_autostart", False),
+    "--watchdog-sec": ("watchdog_sec", True),
+    "--listen": ("listen", True), "--reuseport": ("reuseport", False),
+    "--pidfile": ("pidfile", True), "--reload-timeout": ("reload_timeout", True),
+    "--rolling-batch": ("rolling_batch", True),
 }
-REPEATABLE = {"env", "tags", "env_file"}
+REPEATABLE = {"env", "tags", "env_file", "listen"}
 # Flags added since `run` took long flags anywhere: only before the command, since services commonly take
 # --port, --env or --group of their own.
 BEFORE_ONLY = {"--env", "--env-clear", "--env-file", "--cwd", "--group", "--restart", "--max-restarts",
-               "--reload-signal", "--instances", "--port", "--tag", "--ready", "--no-autostart"}
+               "--reload-signal", "--instances", "--port", "--tag", "--ready", "--no-autostart",
+               "--watchdog-sec", "--listen", "--reuseport", "--pidfile", "--reload-timeout", "--rolling-batch"}
 # run flags whose text goes through the spec model as it is (spec.Field.from_text)
 RUN_FIELDS = ("name", "user", "group", "log", "log_dir", "min_uptime", "kill_timeout", "stop_signal", "log_max_size",
-              "log_keep", "restart", "max_restarts", "reload_signal", "instances", "port", "ready")
+              "log_keep", "restart", "max_restarts", "reload_signal", "instances", "port", "ready",
+              "watchdog_sec", "pidfile", "reload_timeout", "rolling_batch")
 RUN_SHORT = {"-n": "--name", "-a": "--args", "-u": "--user", "-l": "--log", "-d": "--log_dir"}
 
 
@@ -210,6 +216,8 @@ def _switches(opts: dict[str, Any]) -> dict[str, Any]:
         fields["autostart"] = False
     if opts.get("log_compress"):
         fields["log_compress"] = True
+    if opts.get("reuseport"):
+        fields["reuseport"] = True
     return fields
 
 
@@ -227,6 +235,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             body[key] = spec.SERVICE[key].from_text(opts[key])
     if "tags" in opts:
         body["tags"] = spec.SERVICE["tags"].validate(opts["tags"])
+    if "listen" in opts:
+        body["listen"] = spec.SERVICE["listen"].validate(opts["listen"])
     svc = _client().request("POST", "/v1/services", body)
     if opts.get("json"):
         _print_json(svc)
@@ -297,8 +307,16 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    return _batch("reload", args.service, lambda s: f"sent {s['signal']} to {s['name']} (pid {s['pid']})",
-                  {"signal": args.sig})
+    return _batch("reload", args.service, _reloaded, {"signal": args.sig, "wait": args.wait or None})
+
+
+def _reloaded(s: dict[str, Any]) -> str:
+    if s.get("handover"):  # reload --wait
+        return f"{s['name']}: {s['handover']['message']}"
+    if s.get("rolled"):  # a rolling restart (instances, or --listen without reload_signal)
+        was = f"pid {s['replaced_pid']} -> " if s.get("replaced_pid") else ""
+        return f"{s['name']} replaced ({was}pid {s['pid']})"
+    return f"sent {s['signal']} to {s['name']} (pid {s['pid']})"
 
 
 def cmd_del(args: argparse.Namespace) -> int:
@@ -420,8 +438,16 @@ def cmd_why(args: argparse.Namespace) -> int:
     from pmon2.render.why import explain
 
     client = _client()
-    svc = client.request("GET", client.service_path(args.service))
-    _say(explain(svc, _events(client, args.service, 200)))
+    try:
+        services = [client.request("GET", client.service_path(args.service))]
+    except PmonError as exc:  # NAME of an instance group (web for web:0..3), as ls and reload take it
+        if exc.code != "not_found":
+            raise
+        services = [client.request("GET", client.service_path(str(s["id"])))
+                    for s in client.request("GET", "/v1/services") if s.get("instance_of") == args.service]
+        if not services:
+            raise
+    _say("\n\n".join(explain(svc, _events(client, str(svc["id"]), 200)) for svc in services))
     return 0
 
 
@@ -625,11 +651,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
     """Check the whole file here (every problem, with its line), then send the resolved services; pmond
     plans and applies. Exit 2 for a bad file (nothing sent), 1 when a service of the plan failed."""
     from pmon2 import appfile
-    from pmon2.render.words import plural
 
     try:
         body = appfile.load(args.file, prune=args.prune, dry_run=args.dry_run)
     except appfile.AppFileError as exc:
+        from pmon2.render.words import plural
+
         for problem in exc.problems:
             sys.stderr.write(f"{problem}\n")
         sys.stderr.write(f"pmon2: {plural(len(exc.problems), 'problem')} in {args.file}: nothing was applied\n")
@@ -782,7 +809,8 @@ def update_fields(opts: dict[str, Any], argv: list[str] | None, stored: Callable
     if "cwd" in opts:
         fields["cwd"] = spec.SERVICE["cwd"].validate(os.path.abspath(opts["cwd"]))
     fields.update(_switches(opts))
-    done = {"env", "env_file", "env_clear", "args", "cwd", "no_autorestart", "no_autostart", "log_compress"}
+    done = {"env", "env_file", "env_clear", "args", "cwd", "no_autorestart", "no_autostart", "log_compress",
+            "reuseport"}
     for dest, value in opts.items():
         if dest in done:
             continue
@@ -907,6 +935,38 @@ class _Skipped:
         return self
 
 
+FLAG_METAVARS = {"reload_signal": "SIG", "tags": "TAG", "port": "PORT", "ready": "CHECK", "pidfile": "PATH",
+                 "restart": "WHEN"}
+
+
+def _field_flags(group: Any) -> None:
+    """List in `run --help` every flag of spec.SERVICE_FIELDS not written out above, with the first sentence
+    of its doc and its default: a field added to the spec model shows up here without a line of its own."""
+    import re
+
+    from pmon2 import spec
+
+    listed = {flag for action in group._group_actions for flag in action.option_strings}
+    for field in spec.SERVICE_FIELDS:
+        if not field.flag or field.flag in listed or field.flag not in RUN_FLAGS:
+            continue
+        text = re.split(r"(?<!\.)\. (?=[A-Z`])", field.doc.replace("`", ""))[0].rstrip(".")
+        first = text.split(" ", 1)[0]
+        if first[1:].islower() and first != "Unix":
+            text = text[0].lower() + text[1:]
+        if field.default not in (None, [], {}, False, ""):
+            text += f" (default {field.default:g})" if isinstance(field.default, float) else \
+                f" (default {field.default})"
+        if field.flag in BEFORE_ONLY:
+            text += "; before the command"
+        if RUN_FLAGS[field.flag][1]:
+            metavar = "SECONDS" if field.unit == "s" else FLAG_METAVARS.get(field.name) or (
+                "N" if field.schema.get("type") == "integer" else field.name.upper())
+            group.add_argument(field.flag, metavar=metavar, help=text.replace("%", "%%"))
+        else:
+            group.add_argument(field.flag, action="store_true", help=text.replace("%", "%%"))
+
+
 def build_parser(only: str | None = None) -> Parser:
     """The whole parser, or (with `only`) just the sub-parser of that command, for speed."""
     parser = Parser(prog="pmon2", description="pmon2: keep services alive on a Linux server.",
@@ -945,7 +1005,18 @@ def build_parser(only: str | None = None) -> Parser:
     group.add_argument("--cwd", metavar="DIR", help="working directory (default: yours; relative to yours)")
     group.add_argument("--env-clear", action="store_true",
                        help="start from an empty environment (default: yours, minus session variables)")
+    group.add_argument("--listen", metavar="ADDR",
+                       help="a socket pmond holds and passes as fd 3.. (systemd's LISTEN_FDS): tcp://IP:PORT, "
+                            "tcp6://[IP]:PORT or unix:PATH, optionally ,name=NAME (repeatable; before the command)")
+    group.add_argument("--reuseport", action="store_true",
+                       help="with --instances: a socket of its own for each instance, with SO_REUSEPORT")
+    group.add_argument("--rolling-batch", metavar="N",
+                       help="with --instances: how many a rolling reload or restart replaces at once (default 1)")
+    group.add_argument("--no-autostart", action="store_true",
+                       help="create it stopped; `pmon2 start` starts it; before the command")
     group.add_argument("--json", action="store_true", help="print the new service as JSON")
+    if not isinstance(p, _Skipped):
+        _field_flags(group)
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
     p = command("ls", cmd_ls, "list services", ("list",))
@@ -968,6 +1039,9 @@ def build_parser(only: str | None = None) -> Parser:
     p = command("reload", cmd_reload, "send a signal (default USR2) to services without restarting them")
     p.add_argument("service", nargs="+", help="ids, names, globs such as 'web-*', or all")
     p.add_argument("--sig", "-s", help="signal: HUP, USR1, any name or number (default: its reload_signal, USR2)")
+    p.add_argument("--wait", action="store_true",
+                   help="return once the main process has handed over to its successor, or fail with the reason "
+                        "(waits up to the service's reload_timeout, 30 s by default)")
     p = command("del", cmd_del, "stop and forget services", ("delete",))
     p.add_argument("service", nargs="+", help="ids, names, globs such as 'web-*', or all")
     p.add_argument("-f", "--force", action="store_true", help="SIGKILL at once (cuts a graceful stop short)")

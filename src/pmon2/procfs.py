@@ -8,6 +8,7 @@ smaps_rollup, for which the kernel walks the page tables: 3-4 times a stat for a
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cache
 
@@ -114,6 +115,34 @@ def children(pid: int, threads: int = 1, proc: str = "/proc") -> list[int]:
         if data:
             out += [int(c) for c in data.split()]
     return out
+
+
+def descendants(roots: Iterable[int], limit: int = 4096, proc: str = "/proc") -> dict[int, Stat]:
+    """The live descendants of the processes `roots` (not the roots themselves), read down the kernel's
+    child lists (`children` above), nearest first, at most `limit` of them: the one reader of a process
+    tree in pmond (a reload window's children to pin, the ppid rule of a service's processes). A process
+    that exits loses its children to a reaper at once: descendants of an exited root are not found here."""
+    found: dict[int, Stat] = {}
+    seen = set(roots)
+    queue = list(seen)
+    while queue and len(found) < limit:
+        parent = queue.pop(0)
+        st = read_stat(parent, proc)
+        if st is None:
+            continue
+        for child in children(parent, st.threads, proc):
+            if child in seen:
+                continue
+            seen.add(child)
+            cst = read_stat(child, proc)
+            if cst is None or cst.ppid != parent:  # exited, or the number reused since the list was read
+                continue
+            if cst.alive:
+                found[child] = cst
+            queue.append(child)
+            if len(found) >= limit:
+                break
+    return found
 
 
 def _read_all(path: str) -> bytes | None:

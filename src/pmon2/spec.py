@@ -19,7 +19,7 @@ import os
 import re
 import unicodedata
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from pmon2.errors import BadRequest
 
@@ -285,10 +285,11 @@ def _codes(value: Any) -> list[int]:
 
 
 def _positive_seconds(value: Any) -> float:
-    number = _seconds(value)
-    if number <= 0:
-        raise ValueError("must be more than 0 seconds")
-    return number
+    # One message for both ends: -1 must not be told "between 0 and ..." when 0 is refused too.
+    if isinstance(value, int | float) and not isinstance(value, bool) and not (
+            math.isfinite(value) and 0 < value <= MAX_SECONDS):
+        raise ValueError(f"must be more than 0 and at most {MAX_SECONDS:g} seconds")
+    return _seconds(value)
 
 
 def _tags(value: Any) -> list[str]:
@@ -299,7 +300,7 @@ def _tags(value: Any) -> list[str]:
 
 def _ready(value: Any) -> str:
     text = _string(value)
-    if text.startswith("exec:") and text[5:].strip():
+    if text == "notify" or (text.startswith("exec:") and text[5:].strip()):
         return text
     for scheme in ("tcp://", "http://", "https://"):
         if text.startswith(scheme):
@@ -312,7 +313,7 @@ def _ready(value: Any) -> str:
             if scheme == "tcp://" and path:
                 raise ValueError(f"{text!r}: a tcp check has no path")
             return text
-    raise ValueError(f"{text!r}: use tcp://HOST:PORT, http://HOST:PORT/PATH or exec:COMMAND")
+    raise ValueError(f"{text!r}: use notify, tcp://HOST:PORT, http://HOST:PORT/PATH or exec:COMMAND")
 
 
 _IP_HOST = re.compile(r"localhost|(\d{1,3}\.){3}\d{1,3}|\[[0-9A-Fa-f:.]+\]")
@@ -326,6 +327,112 @@ def _depends_on(value: Any) -> dict[str, str]:
         check_name(name)
         out[name] = _choice(DEPENDENCY_CONDITIONS)(condition)
     return out
+
+
+# `listen` (socket activation, daemon/sockets.py): at most this many sockets per service (the launcher's
+# launcher.MAX_LISTEN_FDS, what one SCM_RIGHTS message carries to it, must match).
+MAX_LISTEN = 64
+LISTEN_SYNTAX = ("tcp://IPV4:PORT, tcp6://[IPV6]:PORT or unix:PATH, each optionally followed by ,name=NAME "
+                 "(and ,mode=0660 for unix)")
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes with its NUL (unix(7))
+
+
+class Listen(NamedTuple):
+    """One `listen` entry, parsed (see parse_listen)."""
+
+    scheme: str  # "tcp" (IPv4), "tcp6" (IPv6) or "unix"
+    host: str  # tcp, tcp6: the IP address in its canonical form; unix: ""
+    port: int  # tcp, tcp6: 1-65535; unix: 0
+    path: str  # unix: the path as given (relative to the service's cwd), or @NAME (abstract namespace)
+    name: str | None  # systemd's FileDescriptorName=; None: the service's (group's) name
+    mode: int | None  # unix: the socket file's mode (systemd's SocketMode=); None: 0666
+
+    def address(self) -> str:
+        """The address alone, as a user writes it (tcp://127.0.0.1:8080, unix:app.sock)."""
+        if self.scheme == "unix":
+            return f"unix:{self.path}"
+        return f"{self.scheme}://{self.host if self.scheme == 'tcp' else f'[{self.host}]'}:{self.port}"
+
+
+def _fd_name(text: str, value: str) -> str:
+    """systemd's rule for FileDescriptorName= (fdname_is_valid): 1-255 printable ASCII characters, no `:`
+    (LISTEN_FDNAMES separates names with it)."""
+    if not value or len(value) > 255 or not all(" " < c <= "~" and c != ":" for c in value):
+        raise ValueError(f"{text!r}: a name is 1-255 printable ASCII characters, no ':' and no space")
+    return value
+
+
+def parse_listen(text: str) -> Listen:
+    """`tcp://127.0.0.1:8080`, `tcp6://[::1]:8080`, `unix:PATH` or `unix:@NAME`, each optionally with
+    `,name=NAME` (the fd's name in LISTEN_FDNAMES) and, for unix, `,mode=OCTAL`. Hosts are IP literals:
+    pmond resolves no names. Raises ValueError with the problem."""
+    import ipaddress
+
+    address, *options = _string(text).split(",")
+    name = mode = None
+    for option in options:
+        key, eq, value = option.partition("=")
+        if key == "name" and eq and name is None:
+            name = _fd_name(text, value)
+        elif key == "mode" and eq and mode is None and address.startswith("unix:"):
+            if not (value.isascii() and value.isdigit() and len(value) <= 4 and all(c in "01234567" for c in value)):
+                raise ValueError(f"{text!r}: mode={value} is not an octal mode such as 0660")
+            mode = int(value, 8)
+            if mode > 0o777:
+                raise ValueError(f"{text!r}: mode={value} is more than 0777")
+        else:
+            raise ValueError(f"{text!r}: unknown or repeated option {option!r} (options: name=NAME; mode=OCTAL for "
+                             "unix; a unix path may not contain a comma)")
+    if address.startswith("unix:"):
+        path = address[5:]
+        if path.startswith("//"):
+            path = path[2:]  # unix:///run/app.sock, the URL form
+        if not path or path == "@":
+            raise ValueError(f"{text!r}: give a path: unix:/run/app.sock, unix:app.sock (relative to cwd) or "
+                             "unix:@NAME (abstract)")
+        if len(path.encode()) > UNIX_PATH_MAX:
+            raise ValueError(f"{text!r}: a unix socket's path is at most {UNIX_PATH_MAX} bytes")
+        if path.startswith("@") and mode is not None:
+            raise ValueError(f"{text!r}: an abstract socket has no file, so no mode")
+        return Listen("unix", "", 0, path, name, mode)
+    for scheme, version in (("tcp://", 4), ("tcp6://", 6)):
+        if not address.startswith(scheme):
+            continue
+        host, colon, port = address[len(scheme):].rpartition(":")
+        if not colon or not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            example = "127.0.0.1" if version == 4 else "[::1]"
+            raise ValueError(f"{text!r}: give a port from 1 to 65535: {scheme}{example}:8080")
+        if version == 6:
+            if not (host.startswith("[") and host.endswith("]")):
+                raise ValueError(f"{text!r}: write an IPv6 address in brackets: tcp6://[::1]:{port}")
+            host = host[1:-1]
+        try:
+            ip = ipaddress.IPv4Address(host) if version == 4 else ipaddress.IPv6Address(host)
+        except ValueError:
+            other = "tcp6://[ADDR]:PORT for IPv6" if version == 4 else "tcp://ADDR:PORT for IPv4"
+            raise ValueError(f"{text!r}: {host!r} is not an IPv{version} address (pmond resolves no names; "
+                             f"{other})") from None
+        if getattr(ip, "scope_id", None):
+            raise ValueError(f"{text!r}: a scoped IPv6 address (with %) is not supported")
+        return Listen(scheme[:-3], str(ip), int(port), "", name, None)
+    raise ValueError(f"{text!r}: use {LISTEN_SYNTAX}")
+
+
+def _listen(value: Any) -> list[str]:
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of addresses ({LISTEN_SYNTAX}), not {_type_name(value)}")
+    if len(value) > MAX_LISTEN:
+        raise ValueError(f"has more than {MAX_LISTEN} sockets")
+    seen: dict[tuple[str, str, int, str], str] = {}
+    for text in value:
+        entry = parse_listen(text)
+        key = (entry.scheme, entry.host, entry.port, entry.path)
+        if key in seen:
+            raise ValueError(f"{text!r} listens on the same address as {seen[key]!r}")
+        seen[key] = text
+    return list(value)
+
+
 _NULLABLE_STRING = {"type": ["string", "null"]}
 
 # The service: what `run` and POST /v1/services take. Order is the order of docs.
@@ -383,6 +490,15 @@ SERVICE_FIELDS: tuple[Field, ...] = (
           default="SIGTERM", flag="--stop-signal"),
     Field("reload_signal", {"type": ["string", "integer"]}, _signal, "Signal that `reload` sends by default.",
           default="SIGUSR2", flag="--reload-signal"),
+    Field("reload_timeout", _NUMBER, _positive_seconds,
+          "The reload window: for this long after `reload`, an exit of the main process that leaves a successor "
+          "(a graceful re-exec, even one that called setsid) hands the service over to it instead of counting a "
+          "crash; `reload --wait` waits this long by default.", default=30.0, unit="s", flag="--reload-timeout",
+          parse_text=_number_text),
+    Field("pidfile", _NULLABLE_STRING, lambda v: None if v is None else _path(v),
+          "systemd's PIDFile= with Type=forking: the launched process is expected to exit 0, and the process "
+          "this file names (if it belongs to the service and runs as its user) is then the service; read "
+          "again whenever the main process exits. Relative to cwd.", flag="--pidfile"),
     Field("instances", {"type": "integer", "minimum": 1, "maximum": MAX_INSTANCES}, _integer(1, MAX_INSTANCES),
           "Run this many copies, named NAME:0 ... NAME:N-1; `${instance}` in argv and env is each one's number, "
           "and NAME selects them all.", default=1, flag="--instances", parse_text=_int_text),
@@ -390,13 +506,31 @@ SERVICE_FIELDS: tuple[Field, ...] = (
           lambda v: None if v is None else _integer(1, 65535)(v),
           "Each instance gets PORT = port + its number (and `${port}` in argv and env).", flag="--port",
           parse_text=_int_text),
+    Field("listen", {"type": "array", "items": {"type": "string"}, "maxItems": MAX_LISTEN}, _listen,
+          "Sockets pmond creates and holds, passed to the service as fds 3, 4, ... with systemd's LISTEN_FDS, "
+          "LISTEN_PID and LISTEN_FDNAMES (sd_listen_fds(3)): `tcp://127.0.0.1:8080`, `tcp6://[::1]:8080`, "
+          "`unix:PATH` (relative to cwd) or `unix:@NAME` (abstract), each optionally with `,name=NAME` (default: "
+          "the service's name; instances: NAME) and, for unix, `,mode=0660` (default 0666). Instances share "
+          "one set unless `reuseport`. Ports below 1024 are root's.", default=[], flag="--listen"),
+    Field("reuseport", {"type": "boolean"}, _boolean,
+          "With instances: each one gets its own `listen` sockets, bound with SO_REUSEPORT (systemd's "
+          "ReusePort=), instead of one set shared by all.", default=False, flag="--reuseport"),
+    Field("rolling_batch", {"type": "integer", "minimum": 1, "maximum": MAX_INSTANCES}, _integer(1, MAX_INSTANCES),
+          "How many instances a rolling `reload` or `restart` replaces at once (Kubernetes' maxSurge; for "
+          "instances on ports of their own, which roll stop-then-start, maxUnavailable).", default=1,
+          flag="--rolling-batch", parse_text=_int_text),
     Field("tags", {"type": "array", "items": {"type": "string"}}, _tags,
           "Labels; `tag:NAME` selects every service that has one.", default=[], flag="--tag"),
     Field("ready", _NULLABLE_STRING, lambda v: None if v is None else _ready(v),
-          "Readiness check: `tcp://HOST:PORT` (a connection), `http://HOST:PORT/PATH` (a 2xx answer) or "
+          "Readiness check: `notify` (the service sends READY=1 to $NOTIFY_SOCKET, sd_notify(3): systemd's "
+          "Type=notify), `tcp://HOST:PORT` (a connection), `http://HOST:PORT/PATH` (a 2xx answer) or "
           "`exec:COMMAND` (exit 0). The service shows `starting` until it passes.", flag="--ready"),
     Field("start_timeout", _NUMBER, _seconds,
           "How long the readiness check may take; past it the start counts as failed.", default=90.0, unit="s"),
+    Field("watchdog_sec", _NUMBER, _seconds,
+          "The service must send WATCHDOG=1 to $NOTIFY_SOCKET at least this often while running (sd_notify(3); "
+          "it gets WATCHDOG_USEC), or it is killed with SIGABRT and restarted as a crash (systemd's "
+          "WatchdogSec=). 0: no watchdog.", default=0.0, unit="s", flag="--watchdog-sec", parse_text=_number_text),
     Field("depends_on", {"type": "object", "additionalProperties": {"enum": list(DEPENDENCY_CONDITIONS)}},
           _depends_on, "Services to start first, and what to wait for: `started`, `ready`, or `completed` (it "
           "exited with a success code). Stopped in reverse order.", default={}),
@@ -528,9 +662,19 @@ ADOPT_FIELDS: tuple[Field, ...] = (
 
 # The other request bodies.
 STOP_FIELDS = (Field("force", {"type": "boolean"}, _boolean, "SIGKILL at once, no grace time.", default=False),)
+def _wait(value: Any) -> bool | float | None:
+    if value is None or isinstance(value, bool):
+        return value or None
+    return _positive_seconds(value)
+
+
 RELOAD_FIELDS = (Field("signal", {"type": ["string", "integer", "null"]},
                        lambda v: None if v is None else _signal(v), "Signal to send; default USR2.",
-                       default=None),)
+                       default=None),
+                 Field("wait", {"type": ["boolean", "number", "null"]}, _wait,
+                       "Answer once the service's main process has handed over to its successor (true: wait up to "
+                       "its reload_timeout; a number: that many seconds), or fail with the reason there was none.",
+                       default=None, unit="s"))
 NO_FIELDS: tuple[Field, ...] = ()
 MAX_SELECT = 1000
 
@@ -758,6 +902,7 @@ SESSION_ENV = frozenset({
     "XDG_SESSION_DESKTOP", "XDG_SEAT", "XDG_VTNR", "XDG_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS",
     "GPG_AGENT_INFO", "TMUX", "TMUX_PANE", "STY", "WINDOW", "TERM_SESSION_ID", "OLDPWD", "SHLVL", "_",
     "MAIL", "KRB5CCNAME", "WINDOWID", "COLORTERM", "LS_COLORS",
+    "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID",  # a caller's own systemd unit's, not the service's
 })
 
 

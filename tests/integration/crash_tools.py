@@ -260,6 +260,21 @@ async def finish(self, record=None):
     die()
 spawn.Pending.finish = finish
 """,
+    # A handover (daemon/follow.py): the old main process has exited inside a reload window and its successor
+    # is found and pinned; nothing of the handover is recorded yet (no launch record, no database row).
+    "handover_begun": """
+def _hand_over(self, svc, pid, pidfd, why):
+    die()
+supervisor.Supervisor._hand_over = _hand_over
+""",
+    # A handover done in memory and in the launch record; the database still names the old process.
+    "handover_recorded": """
+orig = supervisor.Supervisor._hand_over
+def _hand_over(self, svc, pid, pidfd, why):
+    orig(self, svc, pid, pidfd, why)
+    die()
+supervisor.Supervisor._hand_over = _hand_over
+""",
     # Right after a stop's process group is gone (in a stop, restart or del), before anything else.
     "after_the_stop": """
 orig = supervisor.Supervisor._terminate
@@ -267,6 +282,25 @@ async def _terminate(self, svc, force):
     await orig(self, svc, force)
     die()
 supervisor.Supervisor._terminate = _terminate
+""",
+    # A roll (rolling.py): the new process is started, recorded (<id>.surge) and acknowledged, not yet ready
+    # nor the service's main process; the old one still serves.
+    "mid-roll": """
+from pmon2.daemon import rolling
+async def wait_new_ready(*args, **kwargs):
+    die()
+rolling.wait_new_ready = wait_new_ready
+""",
+    # A roll: the new process is the service's (handed over), the old one recorded (<id>.retire) and not
+    # yet signalled.
+    "mid-roll-retiring": """
+from pmon2.daemon import rolling
+orig = rolling.retire
+async def retire(sup, svc, pid, pidfd, why, force=False, **more):
+    if why == "replaced by a rolling restart":
+        die()
+    return await orig(sup, svc, pid, pidfd, why, force, **more)
+rolling.retire = retire
 """,
 }
 KILL_MAIN = """

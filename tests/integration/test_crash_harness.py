@@ -36,12 +36,13 @@ import os
 import random
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from .crash_tools import Acked, Harness, Tally, collect, judge, kill_exactly, scan, send
+from .crash_tools import Acked, Harness, Tally, alive, collect, judge, kill_exactly, scan, send
 
 SEED = int(os.environ.get("PMON2_CRASH_SEED") or random.randrange(1 << 30))
 
@@ -151,6 +152,116 @@ def test_pmond_killed_at_a_named_point_loses_duplicates_and_leaks_nothing(pmon: 
     if point == "acked_not_saved":
         record = records[str(listed[target]["id"])]
         assert listed[target]["pid"] == int(record[0]), f"not adopted from its launch record {record}"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(("point", "old_dies"), [("mid-roll", False), ("mid-roll", True), ("mid-roll-retiring", False)])
+def test_pmond_killed_in_the_middle_of_a_roll_loses_duplicates_and_leaks_nothing(pmon: Any, h: Harness, point: str,
+                                                                                  old_dies: bool) -> None:
+    """`reload` of a group of 2 instances rolls it (rolling.py); pmond SIGKILLs itself while g:0's new
+    process runs beside the old one (mid-roll), or after the hand over, before the old one is stopped
+    (mid-roll-retiring). The next pmond keeps exactly one process per instance: the old one while it
+    lives (the new one, never acknowledged as the service's, is stopped), the new one when the old one
+    died meanwhile or the hand over was done (the old one is stopped); no record of the roll is left."""
+    h.daemon.start()
+    assert h.daemon.api("POST", "/v1/services", dict(h.run_body("g"), instances=2)).status == 201
+    h.settle([], strict=True)
+    before = {s["name"]: s for s in h.daemon.services()}
+    h.daemon.kill()
+    h.daemon.spawn(kill_point=point)
+    h.daemon.wait_ready()
+    assert h.daemon.proc is not None
+    sock = send(h.daemon.sock_path, "POST", "/v1/actions/reload", {"select": ["g"]})
+    try:
+        code = h.daemon.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"pmond never reached {point}")
+    assert code == -signal.SIGKILL, f"pmond exited with {code}: {h.daemon.tail(h.daemon.out, 5)}"
+    assert collect(sock, timeout=5).status is None, "pmond answered before its kill point"
+    runs = pmon.home / "run" / "launches"
+    old, sid = before["g:0"]["pid"], before["g:0"]["id"]
+    if point == "mid-roll":
+        surge = int((runs / f"{sid}.surge").read_text().split()[0])
+        assert int((runs / str(sid)).read_text().split()[0]) == old
+    else:  # handed over: the launch record names the new process, the retire record the old one
+        surge = int((runs / str(sid)).read_text().split()[0])
+        assert int((runs / f"{sid}.retire").read_text().split()[0]) == old
+        assert not (runs / f"{sid}.surge").exists()
+    assert surge != old and alive(surge)
+    if old_dies:
+        kill_exactly(old, sid, h.marker)
+
+    h.daemon.start()
+    verdict, services, _ = h.settle([])
+    assert verdict.ok, "\n".join([*verdict.lines(), h.daemon.tail(h.daemon.log_path, 30)])
+    listed = {s["name"]: s for s in services}
+    keeps = old if point == "mid-roll" and not old_dies else surge
+    assert listed["g:0"]["pid"] == keeps and alive(keeps), listed["g:0"]
+    assert not alive(surge if keeps == old else old)
+    assert listed["g:1"]["pid"] == before["g:1"]["pid"], "g:1 was not to be touched"
+    assert not [p.name for p in runs.iterdir() if p.name.endswith((".surge", ".retire"))]
+
+
+# A service that re-execs itself on SIGUSR2, as graceful-restart libraries do: the new copy calls setsid
+# (so it leads a group of its own, as the census expects of a main process) and the old one exits 0.
+REEXEC = """
+import os, signal, sys, time
+def handover(signum, frame):
+    if os.fork() == 0:
+        os.setsid()
+        os.execv(sys.executable, [sys.executable, sys.argv[0]])
+    time.sleep(0.2)
+    os._exit(0)
+signal.signal(signal.SIGUSR2, handover)
+while True:
+    time.sleep(3600)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("point", ["handover_begun", "handover_recorded"])
+def test_pmond_killed_during_a_handover_adopts_the_successor(pmon: Any, h: Harness, point: str) -> None:
+    """`reload` of a service that re-execs itself (daemon/follow.py); pmond SIGKILLs itself once the old
+    process has exited and its successor is found, before anything of the handover is recorded
+    (handover_begun: the next pmond finds the successor by its marker), or after the launch record only
+    (handover_recorded: adopted from the record). Either way the successor is the service, with no restart,
+    no duplicate and nothing untracked."""
+    h.daemon.start()
+    h.populate(1)
+    script = pmon.work / "reexec.py"
+    script.write_text(f"#!{sys.executable}\n{REEXEC}")
+    script.chmod(0o755)
+    body = dict(h.run_body("g1"), argv=[str(script)])
+    assert h.daemon.api("POST", "/v1/services", body).status == 201
+    h.settle([], strict=True)
+    old = next(s for s in h.daemon.services() if s["name"] == "g1")
+    h.daemon.kill()
+    h.daemon.spawn(kill_point=point)
+    h.daemon.wait_ready()
+    assert h.daemon.proc is not None
+    sock = send(h.daemon.sock_path, "POST", "/v1/services/g1/reload", {"signal": "USR2"})
+    try:
+        code = h.daemon.proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"pmond never reached {point}")
+    sock.close()
+    assert code == -signal.SIGKILL, f"pmond exited with {code}: {h.daemon.tail(h.daemon.out, 5)}"
+    record = int((pmon.home / "run" / "launches" / str(old["id"])).read_text().split()[0])
+    if point == "handover_begun":
+        assert record == old["pid"], "nothing of the handover may be recorded yet"
+    else:
+        assert record != old["pid"], "the launch record should name the successor"
+
+    h.daemon.start()
+    verdict, services, procs = h.settle([])
+    assert verdict.ok, "\n".join([*verdict.lines(), h.daemon.tail(h.daemon.log_path, 30)])
+    g1 = next(s for s in services if s["name"] == "g1")
+    assert g1["status"] == "running" and g1["pid"] != old["pid"] and g1["restarts"] == 0, g1
+    assert [p.pid for p in procs if p.sid == g1["id"]] == [g1["pid"]]
+    assert not alive(old["pid"])
+    said = [e["message"] for e in h.daemon.api("GET", "/v1/services/g1/events?limit=50").body]
+    found = f"pid {old['pid']} handed over to pid {g1['pid']} (found after pmond restarted"
+    assert any(m.startswith(found) for m in said) == (point == "handover_begun"), said
 
 
 @pytest.mark.timeout(60)

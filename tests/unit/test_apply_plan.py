@@ -214,6 +214,14 @@ class FakeSupervisor:
         self.log.append(("create", s.name))
         return s
 
+    async def create_many(self, reqs: list[dict[str, Any]]) -> list[list[FakeService] | PmonError]:
+        async def one(fields: dict[str, Any]) -> list[FakeService] | PmonError:
+            try:
+                return [await self.create(fields)]
+            except PmonError as exc:
+                return exc
+        return list(await asyncio.gather(*(one(r) for r in reqs)))
+
     async def update(self, ref: str, changes: dict[str, Any]) -> tuple[list[FakeService], bool]:
         s = self.services[ref]
         s.fields = {k: v for k, v in (s.fields | changes).items() if v is not None}
@@ -304,3 +312,24 @@ def test_removals_go_dependents_first() -> None:
     out = run_apply(sup, [svc("web")], prune=True)
     assert sup.log == [("delete", "worker"), ("delete", "db")]
     assert out["summary"]["remove"] == 2 and set(sup.services) == {"web"}
+
+
+def test_the_diff_looks_only_at_given_fields_and_agrees_with_a_full_comparison() -> None:
+    def full(fields: dict[str, Any]) -> dict[str, Any]:  # every compared field, a missing one at its default
+        out = {name: fields.get(name, spec.SERVICE[name].default) for name in apply.COMPARED}
+        if "restart" not in fields and "autorestart" in fields:
+            out["restart"] = "always" if fields["autorestart"] else "no"
+        return out
+
+    base = {"name": "web", "argv": ["./web"], "cwd": "/srv", "env": {"A": "1"}}
+    cases = [
+        ({}, {}), ({"kill_timeout": 5.0}, {}), ({"kill_timeout": 9.0}, {}), ({"autorestart": False}, {}),
+        ({"restart": "no"}, {"autorestart": False}), ({"restart": "always"}, {"autorestart": False}),
+        ({"env": {"A": "2"}, "tags": ["x"]}, {"tags": ["x"]}), ({}, {"port": 8000, "instances": 2}),
+        ({"source": "/a.toml"}, {"source": "/b.toml"}),
+    ]
+    for new, old in cases:
+        a, b = full(base | new), full(base | old)
+        expected = {k: a[k] for k in apply.COMPARED if a[k] != b[k]}
+        assert apply.differing(base | new, base | old) == expected, (new, old)
+        assert list(apply.differing(base | new, base | old)) == [k for k in apply.COMPARED if k in expected]

@@ -152,6 +152,17 @@ def test_main_run_help_before_command(no_daemon, capsys):
     assert "pmon2 run [options] COMMAND" in capsys.readouterr().out
 
 
+def test_run_help_lists_every_run_flag(no_daemon, capsys, monkeypatch):
+    """The spec model's flags show up in `run --help` without a line of their own (cli._field_flags)."""
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        cli.main(["run", "--help"])
+    out = capsys.readouterr().out
+    missing = [flag for flag in cli.RUN_FLAGS if f"  {flag}" not in out and f", {flag}" not in out]
+    assert not missing, missing
+    assert "--reload-timeout SECONDS" in out and "(default 30); before the command" in out
+
+
 def test_main_without_command_prints_help(no_daemon, capsys):
     assert cli.main([]) == 0
     assert "pmon2: keep services alive" in capsys.readouterr().out

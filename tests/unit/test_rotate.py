@@ -425,3 +425,54 @@ def test_rotations_within_an_interval_share_one_event() -> None:
     assert events.seen[1][2] == "rotated /x/a.log 5 more times in 1 s (5.0 MiB, the largest 1.0 MiB)"
     r._rotated_event(f, "rotated /x/a.log (1.0 MiB)", 1 << 20, 1 << 20, now=5.0)  # a new interval: at once
     assert len(events.seen) == 3
+
+
+def test_a_start_probes_only_its_own_logs_and_a_burst_shares_the_checks(tmp_path: Path) -> None:
+    """A bulk start of N services: the list of every log is not rebuilt at each start (it was: O(N) per
+    start, O(N²) for the bulk), each new log is probed soon after its start, and the starts of a burst
+    share their checks."""
+    count = 300
+    paths = [tmp_path / f"s{i}.log" for i in range(count)]
+    for p in paths:
+        p.write_bytes(b"")
+    asked = [0]
+    files: list[LogFile] = []
+
+    def every_log() -> list[LogFile]:
+        asked[0] += 1
+        return list(files)
+
+    async def main() -> None:
+        r = Rotator(30.0, every_log, Events())
+        r.start()
+        await _until(lambda: r.checks >= 1)
+        before, checks = asked[0], r.checks
+        for i, p in enumerate(paths):
+            f = LogFile(str(p), RotationPolicy(max_size=1024), f"s{i}", i, writer=1000 + i)
+            files.append(f)
+            r.wake([f])
+            if i % 30 == 29:
+                await asyncio.sleep(0.005)  # starts come in bursts, as an apply's launches do
+        await _until(lambda: len(r.tracks) == count)
+        assert all(t.writer == 1000 + i for i, t in enumerate(r.tracks[str(p)] for p in paths))
+        assert asked[0] == before, "the list of every log was asked for again"
+        assert r.checks - checks <= count // 30 + 2, "each start made a check of its own"
+        # A writer that starts writing is seen, and rotated.
+        paths[7].write_bytes(b"x" * 4096)
+        r.known[str(paths[7])] = files[7]
+        r.tracks[str(paths[7])].due = 0.0
+        r._plan(str(paths[7]), r.tracks[str(paths[7])])
+        r._arm(0.0)
+        await _until(lambda: (tmp_path / "s7.log.1").exists())
+        r.close()
+
+    asyncio.run(main())
+
+
+def test_new_writers_are_probed_no_faster_than_the_probe_rate_allows() -> None:
+    # Few logs: the probe gap as next_delay gives it, on a grid of a quarter of it.
+    assert rotate.probe_delay(100.0, MIN_DELAY, 1) == pytest.approx(MIN_DELAY)
+    delay = rotate.probe_delay(100.003, 0.4, 1)
+    assert 0.4 <= delay < 0.5 and round((100.003 + delay) * 10, 6) == 1005
+    # 2,000 new writers at once: each is probed every 4 s, not every 10 ms.
+    assert rotate.probe_delay(100.0, MIN_DELAY, 2000) >= 2000 / rotate.PROBE_RATE

@@ -83,6 +83,7 @@ class _Store:
 
 
 def test_identical_environments_are_kept_once_and_dropped_with_their_last_service():
+    from pmon2.daemon.follow import Follower
     from pmon2.daemon.supervisor import Service, Supervisor
 
     sup = Supervisor.__new__(Supervisor)  # the env bookkeeping only: no loop, no store on disk
@@ -90,6 +91,7 @@ def test_identical_environments_are_kept_once_and_dropped_with_their_last_servic
     forgotten: list[int] = []
     sup.launches = type("NoRecords", (), {"remove": lambda self, service_id: None})()
     sup.persist = type("NoPersist", (), {"forget": lambda self, service_id: forgotten.append(service_id)})()
+    sup.follow = Follower(sup)  # nothing followed: forget has nothing to close
 
     def add(service_id, env):
         svc = Service(id=service_id, name=f"s{service_id}", spec=sup._share_env({"env": env}), uid=0)

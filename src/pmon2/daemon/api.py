@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pmon2 import spec as model
-from pmon2.daemon import auth
+from pmon2.daemon import auth, rolling
 from pmon2.daemon.apply import Apply, find_cycles
 from pmon2.daemon.auth import Caller, Forbidden
 from pmon2.daemon.logread import LogApi
@@ -177,13 +177,26 @@ class Api:
         return 200, self.sup.view(await self.sup.restart(self._own(ref, caller)), detail=True)
 
     async def reload(self, ref: str, caller: Caller, fields: dict[str, Any], **_: Any) -> tuple[int, Any]:
-        svc, sig = await self.sup.reload(self._own(ref, caller), fields.get("signal"))
-        return 200, self.sup.view(svc, detail=True) | {"signal": sig}
+        svc, extra = await rolling.reload(self.sup, self._own(ref, caller), fields.get("signal"),
+                                          wait=fields.get("wait"))
+        return 200, self.sup.view(svc, detail=True) | extra | self._handover(svc, fields, extra)
 
     async def service_events(self, ref: str, caller: Caller, options: dict[str, Any], **_: Any) -> tuple[int, Any]:
-        svc = self.sup.find(ref, caller)
-        return 200, await self.sup.persist.commit(lambda: self.sup.store.events(svc.id, options["limit"]),
-                                                  "the ledger cannot be read now", read=True)
+        """One service's events; NAME of an instance group (web for web:0..3, as ls and reload take it): the
+        newest `limit` of all its instances together, oldest first."""
+        try:
+            ids = [self.sup.find(ref, caller).id]
+        except NotFound:
+            ids = [s.id for s in self.sup.groups().get(ref, []) if caller.owns(s.uid)]
+            if not ids:
+                raise
+        limit = options["limit"]
+
+        def read() -> list[dict[str, Any]]:
+            rows = [e for sid in ids for e in self.sup.store.events(sid, limit)]
+            return sorted(rows, key=lambda e: e["id"])[-limit:]
+
+        return 200, await self.sup.persist.commit(read, "the ledger cannot be read now", read=True)
 
     async def all_events(self, caller: Caller, options: dict[str, Any], **_: Any) -> tuple[int, Any]:
         owner = None if caller.privileged else caller.uid
@@ -253,8 +266,9 @@ class Api:
                 if action == "restart":
                     return self.sup.view(await self.sup.restart(ref))
                 if action == "reload":
-                    svc, sig = await self.sup.reload(ref, fields.get("signal"))
-                    return self.sup.view(svc) | {"signal": sig}
+                    # a roll (rolling.py) or the signal and its handover (Supervisor.reload)
+                    svc, extra = await rolling.reload(self.sup, ref, fields.get("signal"), wait=fields.get("wait"))
+                    return self.sup.view(svc) | extra | self._handover(svc, fields, extra)
                 if action == "delete":
                     svc = await self.sup.delete(ref, force=force)
                     return {"id": svc.id, "name": svc.name, "deleted": True}
@@ -270,6 +284,12 @@ class Api:
             results = await in_dependency_order(self.sup, services, action, guarded)
             return 200, {"results": results}
         return run
+
+    def _handover(self, svc: Any, fields: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        """`reload --wait` of a signal (not a roll): how its window ended ({"handover": {ok, message,
+        from_pid, pid}}; a window that ended without one made the reload fail instead)."""
+        signalled = extra.get("signal") is not None  # a roll answers "signal": None, and has no window
+        return {"handover": self.sup.follow.result(svc)} if fields.get("wait") and signalled else {}
 
     def _own(self, ref: str, caller: Caller) -> str:
         """The id of the service `ref` names, if the caller owns it (else NotFound, as if absent)."""

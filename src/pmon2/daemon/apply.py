@@ -42,15 +42,28 @@ COMPARED = tuple(f.name for f in model.SERVICE_FIELDS if f.name not in ("name", 
 # Creates and restarts in flight at once (each holds a few descriptors while its process is launched).
 START_CONCURRENCY = 64
 CONDITION_WORDS = {"started": "started", "ready": "ready", "completed": "completed successfully"}
+_RANK = {name: i for i, name in enumerate(COMPARED)}
 
 
-def effective(fields: dict[str, Any]) -> dict[str, Any]:
-    """A service's fields as a plan compares them: every compared field, a missing one at its default
-    (None for the defaults pmond sets: the config's, the caller's user...)."""
-    out = {name: fields.get(name, model.SERVICE[name].default) for name in COMPARED}
-    if "restart" not in fields and "autorestart" in fields:
-        out["restart"] = "always" if fields["autorestart"] else "no"
+def differing(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """The compared fields whose values differ between two services' fields as given (a missing one at its
+    default: None for the defaults pmond sets, the config's, the caller's user...; `restart` from the older
+    `autorestart`), in COMPARED's order: field -> its new value. Only the fields either one gives are looked
+    at: one that neither gives is at its default in both (a plan of 1,000 unchanged services built 2,000
+    dicts of every field)."""
+    keys = sorted((new.keys() | old.keys() | {"restart"}) & _RANK.keys(), key=_RANK.__getitem__)
+    out = {}
+    for key in keys:
+        a, b = _value(new, key), _value(old, key)
+        if a != b:
+            out[key] = a
     return out
+
+
+def _value(fields: dict[str, Any], name: str) -> Any:
+    if name == "restart" and "restart" not in fields and "autorestart" in fields:
+        return "always" if fields["autorestart"] else "no"
+    return fields.get(name, model.SERVICE[name].default)
 
 
 @dataclass
@@ -160,9 +173,8 @@ def plan(services: list[dict[str, Any]], current: dict[str, Current], source: st
                              f"{want['source']}: take it out of that file (and apply it with prune), or delete it "
                              f"(pmon2 del {name}), then apply again")
             continue
-        new, old = effective(want), effective(cur.fields)
-        changed = [k for k in COMPARED if new[k] != old[k]]
-        changes = {k: new[k] for k in changed}
+        changes = differing(want, cur.fields)
+        changed = list(changes)
         if have_source is None:  # made by `run`: from now on the file's
             changed.append("source")
             changes["source"] = want["source"]
@@ -370,18 +382,38 @@ class _Run:
     async def execute(self) -> None:
         if self.removals:
             await self.remove_all()
-        busy = []
+        busy, bulk = [], []
         for step in self.steps.values():
             if step.action == "unchanged":
                 assert step.current is not None
                 self.members[step.name] = step.current.services
                 self.acted[step.name].set()
+            elif step.action == "create" and not step.depends_on:
+                bulk.append(step)  # waits for nothing: created with the others in one go
             else:
                 busy.append(step)
-        if busy:
-            await asyncio.gather(*(self.one(step) for step in busy))
+        await asyncio.gather(self.create_all(bulk), *(self.one(step) for step in busy))
         for wait in self.waits.values():
             wait.cancel()  # only those nobody needed in the end (all others are done)
+
+    async def create_all(self, steps: list[Step]) -> None:
+        """The creates that depend on nothing, in one Supervisor.create_many: one transaction for all
+        their rows, their launches at once. A failure is its step's alone."""
+        if not steps:
+            return
+        try:
+            made = await self.sup.create_many([dict(step.want) for step in steps])
+        except PmonError as exc:  # the rows were not written: nothing was created
+            made = [exc] * len(steps)
+        for step, result in zip(steps, made, strict=True):
+            if isinstance(result, PmonError):
+                step.fail(result.code, result.message)
+            else:
+                self.members[step.name] = list(result)
+                if step.want.get("autostart", True):
+                    self.started.add(step.name)
+            self.acted[step.name].set()
+        await asyncio.gather(*(self.readiness(step) for step in steps))
 
     async def one(self, step: Step) -> None:
         try:
@@ -393,6 +425,9 @@ class _Run:
             step.fail(exc.code, exc.message)
         finally:
             self.acted[step.name].set()
+        await self.readiness(step)
+
+    async def readiness(self, step: Step) -> None:
         if step.ok and step.name in self.started and step.want.get("ready"):
             # A readiness check that never passes is a failed start: apply reports it.
             try:

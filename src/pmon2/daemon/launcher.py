@@ -14,6 +14,11 @@ pmond has a pidfd on it, so the pid cannot be reused under pmond's feet; then it
 service's parent becomes init (or pmond, when pmond is the subreaper). If pmond never acknowledges,
 the intermediate kills the service rather than leave a process nobody knows of.
 
+A service with listening sockets (socket activation, daemon/sockets.py) gets them as fds 3, 4, ...;
+they come with the request (SCM_RIGHTS, after the two pipe ends). systemd's LISTEN_PID must be the
+service's own pid, which posix_spawn cannot put in its environment, so such a service is started by
+fork and exec instead: the child sets LISTEN_PID to getpid() and execs (fork_exec).
+
 Log files are where a service's user could attack pmond, which often runs as root: a service that
 can write its log dir can put a symbolic link, a hard link or a FIFO in place of its log before it
 exits, and the next start would append to, or block on, whatever that names. So the intermediate opens
@@ -41,12 +46,15 @@ import signal
 import stat
 import sys
 
-# Request: marshal of (exe, argv, env, cwd, out_log, err_log, ident, trusted_log_dir), ident None or
-# (uid, gid, groups), trusted_log_dir None or pmond's own log dir (a request of 7 items has none).
+# Request: marshal of (exe, argv, env, cwd, out_log, err_log, ident, trusted_log_dir, listen_fds), ident
+# None or (uid, gid, groups), trusted_log_dir None or pmond's own log dir (a request of 7 items has none),
+# listen_fds the number of listening sockets (socket activation, daemon/sockets.py) that follow the status
+# pipe and the ack pipe in the message's SCM_RIGHTS (a request of 8 items or fewer has none).
 # Reports on the status pipe: b"P" + pid of the service + pid of the intermediate (8 bytes each,
 # little-endian), or b"E" + stage + NUL + errno [+ NUL + reason] when the set-up or the exec failed;
 # a reason ("is a symbolic link") says why a log file was refused, with errno 0.
 MAX_REQUEST = 1 << 20
+MAX_LISTEN_FDS = 64  # spec.MAX_LISTEN: the fds of one request are 2 + this many at most
 LOG_MODE = 0o640
 # open(2): O_NOFOLLOW fails with ELOOP on a symbolic link; O_NONBLOCK makes the open of a FIFO without
 # a reader fail with ENXIO instead of waiting for one (and of one with a reader succeed, for fstat to
@@ -172,9 +180,11 @@ def open_log(path: str, dirfd: int = -1, owner: tuple[int, int] | None = None) -
 
 
 def intermediate(req: tuple, status_w: int, ack_r: int, changed: list[int] | None = None,  # type: ignore[type-arg]
-                 spawned_w: int = -1) -> int:
+                 spawned_w: int = -1, listen: list[int] | tuple[int, ...] = ()) -> int:
     """Runs in the intermediate child; returns its exit code. `spawned_w`, when given, gets a byte once
-    the service is started (or failed to start).
+    the service is started (or failed to start). `listen`: listening sockets to pass as fds 3, 4, ...
+    (socket activation): the service then starts by fork and exec, so that its LISTEN_PID can be its own
+    pid, which posix_spawn cannot set.
 
     The order matters: logs in pmond's own dir are opened before the user switch (by pmond's user, who
     alone can write there), every other log after it, so that it is opened with the service's rights;
@@ -186,7 +196,9 @@ def intermediate(req: tuple, status_w: int, ack_r: int, changed: list[int] | Non
     try:
         try:
             os.setsid()
-            _close_all_but([status_w, ack_r, spawned_w])
+            _close_all_but([status_w, ack_r, spawned_w, *listen])
+            if listen:
+                status_w, ack_r, spawned_w = place_listen_fds(list(listen), [status_w, ack_r, spawned_w])
             stage = "stdin"
             devnull = os.open("/dev/null", os.O_RDONLY)
             logs = dict.fromkeys((out_log, err_log), -1)
@@ -221,7 +233,10 @@ def intermediate(req: tuple, status_w: int, ack_r: int, changed: list[int] | Non
             stage = "exec " + exe
             # setpgroup=0: the service leads a process group of its own inside the new session, so stop can
             # signal it and all its children with killpg(pid). No signal stays blocked.
-            pid = os.posix_spawn(exe, argv, env, setpgroup=0, setsigmask=(), setsigdef=changed)
+            if listen:
+                pid = fork_exec(exe, argv, env, changed)
+            else:
+                pid = os.posix_spawn(exe, argv, env, setpgroup=0, setsigmask=(), setsigdef=changed)
         finally:
             if spawned_w >= 0:
                 _note(spawned_w, b"t")
@@ -240,6 +255,67 @@ def intermediate(req: tuple, status_w: int, ack_r: int, changed: list[int] | Non
         os.kill(pid, signal.SIGKILL)  # pmond went away before it could record the service
         return 1
     return 0
+
+
+def place_listen_fds(listen: list[int], others: list[int]) -> list[int]:
+    """Put the fds `listen` at 3, 4, ... (inheritable: where the service finds them, sd_listen_fds(3)), and
+    move `others` (close-on-exec; -1 for none) above them, out of the way; returns the new numbers of
+    `others`. Every other fd above 2 must be closed already (_close_all_but)."""
+    keep = [fd for fd in (*listen, *others) if fd >= 0]
+    base = max([*keep, 2 + len(listen)]) + 1  # everything from here up is free
+    high = {fd: base + i for i, fd in enumerate(keep)}
+    for fd, to in high.items():
+        os.dup2(fd, to, inheritable=False)
+    for fd in keep:
+        os.close(fd)
+    for i, fd in enumerate(listen):
+        os.dup2(high[fd], 3 + i, inheritable=True)
+        os.close(high[fd])
+    return [high[fd] if fd >= 0 else -1 for fd in others]
+
+
+def fork_exec(exe: str, argv: list[str], env: dict[str, str], changed: list[int]) -> int:
+    """posix_spawn's part, done by hand: the child leads a process group of its own, gets the default
+    disposition of `changed` and no blocked signal, sets LISTEN_PID to its own pid and execs. Returns its
+    pid; an exec failure comes back as OSError (through a close-on-exec pipe, closed by a good exec)."""
+    err_r, err_w = os.pipe()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(err_r)
+        os.close(err_w)
+        raise
+    if pid == 0:
+        code = errno.EINVAL
+        try:
+            os.close(err_r)
+            os.setpgid(0, 0)
+            for sig in changed:
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, ())
+            env = dict(env, LISTEN_PID=str(os.getpid()))
+            os.execve(exe, argv, env)
+        except OSError as exc:
+            code = exc.errno or errno.EINVAL
+        except BaseException:
+            pass
+        try:
+            os.write(err_w, str(code).encode())
+        finally:
+            os._exit(127)
+    os.close(err_w)
+    try:
+        failed = os.read(err_r, 16)
+    finally:
+        os.close(err_r)
+    if failed:
+        try:
+            os.waitpid(pid, 0)  # the child that could not exec is ours to reap
+        except ChildProcessError:
+            pass
+        code = int(failed) if failed.isdigit() else errno.EINVAL
+        raise OSError(code, os.strerror(code))
+    return pid
 
 
 def _note(fd: int, what: bytes) -> None:
@@ -266,7 +342,8 @@ def serve(fd: int) -> None:
     """The launcher's loop, on its end of the socketpair; returns when pmond closes the other end.
 
     One child is always forked ahead, waiting on the socket: a request finds its intermediate already
-    there, and the fork for the next one happens once this one's service is started."""
+    there. The fork for the next one happens once this one's service is started, or, when more requests
+    are waiting (a bulk create), as soon as this one has taken its request, so that launches overlap."""
 
     try:
         with open("/proc/self/comm", "w") as comm:
@@ -276,6 +353,9 @@ def serve(fd: int) -> None:
     # pmond decides when the launcher ends (by closing the socket), not a Ctrl-C meant for pmond.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGCHLD, _reap)
+    # Once, here: in each child it cost 1 ms of CPU (getsignal's enum conversions, and the first pages the
+    # child copies). SIGCHLD is in the list (the child resets it to the default, as the list asks).
+    changed = changed_signals()
     sock = _socket.socket(fileno=fd)
     sock.send(b"R")
     while True:
@@ -290,7 +370,7 @@ def serve(fd: int) -> None:
             os.close(note_r)
             code = 127
             try:
-                code = _take_one(sock, note_w)
+                code = _take_one(sock, note_w, changed)
             finally:
                 os._exit(code)
         os.close(note_w)
@@ -306,11 +386,14 @@ def serve(fd: int) -> None:
             return
 
 
-def _take_one(sock: _socket.socket, note_w: int) -> int:
-    """In the child forked ahead: wait for one request and become its intermediate."""
+def _take_one(sock: _socket.socket, note_w: int, changed: list[int]) -> int:
+    """In the child forked ahead: wait for one request and become its intermediate. `changed`: the
+    launcher's changed_signals()."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the service is never reaped here
-    changed = changed_signals()
-    data, ancillary, flags, _ = sock.recvmsg(MAX_REQUEST, _socket.CMSG_SPACE(2 * 4))
+    # MSG_CMSG_CLOEXEC: the fds that come with a request must not reach the service by themselves (the
+    # listening sockets among them are placed at 3.. on purpose, see intermediate).
+    data, ancillary, flags, _ = sock.recvmsg(MAX_REQUEST, _socket.CMSG_SPACE((2 + MAX_LISTEN_FDS) * 4),
+                                             _socket.MSG_CMSG_CLOEXEC)
     if not data:
         _note(note_w, b"q")  # pmond closed the socket: the launcher ends
         return 0
@@ -318,13 +401,31 @@ def _take_one(sock: _socket.socket, note_w: int) -> int:
     for level, kind, payload in ancillary:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
             fds += [int.from_bytes(payload[i:i + 4], sys.byteorder) for i in range(0, len(payload) - 3, 4)]
-    if len(fds) != 2 or flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC):
+    req = None
+    if not flags & (_socket.MSG_TRUNC | _socket.MSG_CTRUNC):
+        try:
+            req = marshal.loads(data)
+        except (ValueError, EOFError, TypeError):
+            pass
+    listen = req[8] if isinstance(req, tuple) and len(req) > 8 else 0
+    if (not isinstance(req, tuple) or len(req) < 7 or type(listen) is not int
+            or not 0 <= listen <= MAX_LISTEN_FDS or len(fds) != 2 + listen):
         _note(note_w, b"t")
         return 1  # pmond sees the status pipe close and forks the intermediate itself
-    status_w, ack_r = fds
-    try:
-        req = marshal.loads(data)
-    except (ValueError, EOFError, TypeError):
+    status_w, ack_r, *sockets = fds
+    if _more_waiting(sock):
+        # A bulk create (pmond sends several at once): the launcher forks the next child now, while this
+        # one sets up and starts its service, so that launches overlap (one at a time, 100 creates took
+        # 100 launches in a row). A request alone (a restart) is told after its service started, as the
+        # fork would compete with the start for the CPU (measured: a restart 1-3 ms slower).
         _note(note_w, b"t")
-        return 1
-    return intermediate(req, status_w, ack_r, changed, spawned_w=note_w)
+        note_w = -1
+    return intermediate(req, status_w, ack_r, changed, spawned_w=note_w, listen=sockets)
+
+
+def _more_waiting(sock: _socket.socket) -> bool:
+    """Is another request already queued on the socket? (A peek: it stays there, with its fds.)"""
+    try:
+        return bool(sock.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT))
+    except OSError:  # BlockingIOError: nothing waiting
+        return False

@@ -16,9 +16,13 @@ Every log pmond knows is checked, its service running or not, and pmond.log too 
 are adaptive: a growing file is checked again just after it should cross its max size at the rate
 seen (MIN_DELAY at the least), a newly started writer is probed at once, and an idle machine costs
 one wake-up per log_check_interval (none at all when pmond knows no service: pmond.log grows only
-when pmond logs, and logging plans a check). No rotated file holds more than twice max_size: a log
-that got past that anyway (pmond starved of CPU) is cut into several rotated files at line ends.
-The ledger gets one rotation event per log and interval, then a summary.
+when pmond logs, and logging plans a check). Between two full checks, a check looks only at the logs
+that are due (a heap) and at those of services started since the last one (`wake`), so a bulk start of
+N services costs O(N log N), not O(N) per start; the starts of a burst share one probe.
+
+No rotated file holds more than twice max_size: a log that got past that anyway (pmond starved of CPU)
+is cut into several rotated files at line ends. The ledger gets one rotation event per log and
+interval, then a summary.
 
 The log budget, per filesystem holding logs (journald's SystemMaxUse= and SystemKeepFree=): logs use
 at most log_max_use and leave log_keep_free free. Over it, the oldest rotated files go first, then
@@ -34,7 +38,9 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import heapq
 import logging
+import math
 import os
 import re
 import stat
@@ -564,6 +570,11 @@ class Track:
 # A new writer is probed at gaps that grow by a quarter each time: one that starts writing T seconds
 # after its start is seen within about T/4 (31 probes from 10 ms to 10 s).
 PROBE_GROWTH = 1.25
+# Probes of new writers that have not written yet, per second at most, all logs together (about 15 ms of
+# CPU a second): after a bulk start of 1,000 services (2,000 new writers) each is probed every 4 s, not
+# every 10 ms at first (50,000 probes in the first 5 s: a second of CPU). Each new writer is still probed
+# right after its start, so one that writes at once is seen then and checked at its own rate from then on.
+PROBE_RATE = 500.0
 
 
 def next_delay(track: Track, max_size: int, interval: float, live: bool) -> float:
@@ -585,6 +596,15 @@ def next_delay(track: Track, max_size: int, interval: float, live: bool) -> floa
     else:
         delay = interval
     return min(max(delay, MIN_DELAY), interval)
+
+
+def probe_delay(now: float, delay: float, crowd: int) -> float:
+    """Seconds to the next probe of a new writer that has not written yet, `delay` by next_delay, with
+    `crowd` checks planned: no sooner than PROBE_RATE allows, and ending on a grid of a quarter of the
+    delay, so that the writers of a burst are probed by the same checks rather than each by its own."""
+    delay = max(delay, crowd / PROBE_RATE)
+    step = max(MIN_DELAY, delay / 4)
+    return math.ceil((now + delay) / step - 1e-6) * step - now  # (less a rounding error's worth)
 
 
 def update_rate(track: Track, size: int, now: float) -> None:
@@ -622,6 +642,10 @@ class Rotator:
         self.bursts: dict[str, list[Any]] = {}  # path -> [since, rotations, bytes, largest, without a copy]
         self.listings: dict[str, tuple[int, int, dict[str, tuple[str, int, float]]]] = {}  # dir -> ino, mtime, files
         self.stale = True  # ask `files` again at the next check
+        self.fresh: dict[str, LogFile] = {}  # the logs of services started since the last check (`wake`)
+        self.heap: list[tuple[float, int, str]] = []  # (due, order, path): checks planned before the next full one
+        self.pushed = 0  # tie-breaker of the heap's entries
+        self.growing: set[str] = set()  # paths whose rate is above 0
         self.grid_at: float | None = None  # the next check of every file; None: asleep
         self.loop: asyncio.AbstractEventLoop | None = None
         self.handle: asyncio.TimerHandle | None = None
@@ -644,12 +668,18 @@ class Rotator:
         self.grid_at = now
         self._arm(now)
 
-    def wake(self) -> None:
-        """A service started: probe its logs soon, and keep checking."""
+    def wake(self, files: Iterable[LogFile] | None = None) -> None:
+        """A service started: probe its logs (`files`; None: ask for every log again) soon, and keep
+        checking. The probe is planned MIN_DELAY after the first start of a burst, and every start until
+        it runs joins it: an apply of 1,000 services does not make 1,000 checks."""
         if self.loop is None or self.interval <= 0:
             return
         now = self.loop.time()
-        self.stale = True
+        if files is None:
+            self.stale = True
+        else:
+            for f in files:
+                self.fresh[f.path] = f
         if self.grid_at is None:
             self.grid_at = now + self.interval
         self._arm(now + MIN_DELAY)
@@ -693,6 +723,19 @@ class Rotator:
         if self.loop is not None and (self.task is None or self.task.done()):
             self.task = self.loop.create_task(self._run())
 
+    def _plan(self, path: str, t: Track) -> None:
+        """Put a track's next check (t.due) in the heap; one due at the grid's full check needs no entry."""
+        if self.grid_at is not None and t.due > self.grid_at - MIN_DELAY:
+            t.due = self.grid_at
+            return
+        self.pushed += 1
+        heapq.heappush(self.heap, (t.due, self.pushed, path))
+
+    def _valid(self, entry: tuple[float, int, str]) -> bool:
+        """Is a heap entry still a planned check? (A track re-planned or dropped leaves its old entry.)"""
+        t = self.tracks.get(entry[2])
+        return t is not None and t.due == entry[0] and entry[2] in self.known
+
     async def _run(self) -> None:
         try:
             await self.check()
@@ -708,11 +751,13 @@ class Rotator:
     def _next(self) -> float | None:
         assert self.loop is not None
         now = self.loop.time()
-        if self.stale:
+        if self.stale or self.fresh:
             return now + MIN_DELAY
         if self.grid_at is None:
             return None  # asleep: nothing pmond knows of grew, and no service runs
-        return min([self.grid_at, *(t.due for path, t in self.tracks.items() if path in self.known)])
+        while self.heap and not self._valid(self.heap[0]):
+            heapq.heappop(self.heap)
+        return min(self.grid_at, self.heap[0][0]) if self.heap else self.grid_at
 
     # the check
 
@@ -721,15 +766,29 @@ class Rotator:
         now = loop.time()
         self.checks += 1
         full = self.grid_at is None or now + EARLY >= self.grid_at
-        if self.stale or full:
+        everything = self.stale or full  # look at every log; else only at the due and the fresh ones
+        if everything:
             self.stale = False
+            self.fresh = {}
+            self.heap = []
             self.known = {}
             for f in self.files():
                 self.known.setdefault(f.path, f)
             for path in [p for p in self.tracks if p not in self.known]:
                 del self.tracks[path]
+            self.growing &= self.known.keys()
+            looked: Iterable[LogFile] = self.known.values()
+        else:
+            fresh, self.fresh = self.fresh, {}
+            self.known.update(fresh)
+            due: dict[str, LogFile] = {}
+            while self.heap and self.heap[0][0] <= now + EARLY:
+                entry = heapq.heappop(self.heap)
+                if self._valid(entry):
+                    due[entry[2]] = self.known[entry[2]]
+            looked = [*fresh.values(), *(f for path, f in due.items() if path not in fresh)]
         todo: dict[str, list[tuple[LogFile, Track]]] = {}
-        for f in self.known.values():
+        for f in looked:
             t = self.tracks.get(f.path)
             if t is None or t.writer != f.writer:
                 # A new writer (or none any more): its rate is unknown, so it is probed from now on.
@@ -739,7 +798,10 @@ class Rotator:
                                                 dev=t.dev if t else None, directory=directory, name=name)
             if full or t.due <= now + EARLY:
                 todo.setdefault(t.directory, []).append((f, t))
+            elif everything:
+                self._plan(f.path, t)  # the heap was emptied: plan its next check again
         grew = acted = False
+        changed: set[int | None] = set()  # filesystems where a log grew or something was done
         fds: dict[str, int | None] = {}  # directory -> its fd, None when it cannot be opened
         try:
             for directory, logs in todo.items():
@@ -751,8 +813,11 @@ class Rotator:
                     t.dev = dev
                     g, a = await self._check_one(dfd, f, t)
                     grew, acted = grew or g, acted or a
-            # The budget of each filesystem looked at (of every one, at a full check).
-            devs = {t.dev for _, t in (x for logs in todo.values() for x in logs)}
+                    if g or a:
+                        changed.add(dev)
+            # The budget of each filesystem where something changed (of every one, at a full check): a
+            # probe of new writers that found nothing written leaves the budget as it was.
+            devs = changed
             if full:
                 devs |= {t.dev for t in self.tracks.values()}
             headrooms = []
@@ -771,18 +836,31 @@ class Rotator:
         if full:
             awake = grew or acted or bool(self.bursts) or any(not f.quiet for f in self.known.values())
             self.grid_at = now + self.interval if awake else None
+        planned: dict[str, Track] = {}
+        crowd = len(self.heap) + sum(map(len, todo.values()))  # checks planned once these are
         for logs in todo.values():
             for f, t in logs:
-                t.due = now + next_delay(t, f.policy.max_size, self.interval, f.writer is not None)
+                delay = next_delay(t, f.policy.max_size, self.interval, f.writer is not None)
+                if t.rate == 0 and f.writer is not None and delay < self.interval:
+                    delay = probe_delay(now, delay, crowd)
+                t.due = now + delay
+                planned[f.path] = t
+                if t.rate > 0:
+                    self.growing.add(f.path)
+                else:
+                    self.growing.discard(f.path)
         # The growing logs of a filesystem are checked again before they can eat its budget's headroom.
         for dev, seconds in headrooms:
-            for t in self.tracks.values():
-                if t.dev == dev and t.rate > 0:
-                    t.due = min(t.due, now + max(seconds, MIN_DELAY))
-        if self.grid_at is not None:
-            for t in self.tracks.values():
-                if t.due > self.grid_at - MIN_DELAY:
-                    t.due = self.grid_at
+            for path in self.growing:
+                t = self.tracks[path]
+                if t.dev == dev and t.rate > 0 and now + max(seconds, MIN_DELAY) < t.due:
+                    t.due = now + max(seconds, MIN_DELAY)
+                    planned[path] = t
+        if self.grid_at is None:
+            self.heap = []  # asleep: the next wake-up starts with a full check
+        else:
+            for path, t in planned.items():
+                self._plan(path, t)
 
     def _open(self, directory: str, fds: dict[str, int | None], logs: list[tuple[LogFile, Track]]) -> int | None:
         """The fd of a log directory, opened once per check; a failure is reported for its logs."""

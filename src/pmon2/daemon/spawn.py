@@ -6,7 +6,9 @@ intermediate sets up the service's session, stdio, cwd and user, starts the serv
 and reports the service's pid on a close-on-exec status pipe. It does not reap the service and waits
 for pmond's acknowledgement, so the pidfd pmond opens names the right process even if the service
 died at once. Set-up and exec failures come back on the same pipe, so a missing binary or a bad cwd
-reaches the user as an error instead of a crash loop.
+reaches the user as an error instead of a crash loop. A service's listening sockets (LaunchSpec.fds,
+daemon/sockets.py) travel with the request, after the two pipe ends, whichever way the intermediate
+is started.
 
 A launch is two steps: `begin` does the synchronous part (the request is on its way, or the fork is
 done) and `Pending.finish` waits for the report. pmond begins a restart before it writes the exit to
@@ -65,6 +67,9 @@ class LaunchSpec:
     # When set, the service's PMON2_SERVICE (instance:id): a mark on its process that pmond can tell.
     marker: str = ""
     group: str | None = None  # systemd's Group=: the primary group, instead of the user's own
+    # Listening sockets pmond holds (daemon/sockets.py), passed as fds 3, 4, ... in this order; with any,
+    # the intermediate starts the service by fork and exec, to set LISTEN_PID (launcher.fork_exec).
+    fds: tuple[int, ...] = ()
 
 
 @dataclass
@@ -107,7 +112,7 @@ def _request(spec: LaunchSpec) -> tuple:  # type: ignore[type-arg]
     if spec.marker:
         env["PMON2_SERVICE"] = spec.marker  # never one inherited from the shell that ran `pmon2 run`
     trusted = os.path.normpath(spec.trusted_log_dir) if spec.trusted_log_dir else None
-    return (spec.exe, list(spec.argv), env, spec.cwd, spec.out_log, spec.err_log, ident, trusted)
+    return (spec.exe, list(spec.argv), env, spec.cwd, spec.out_log, spec.err_log, ident, trusted, len(spec.fds))
 
 
 def raise_nofile_limit() -> int:
@@ -345,14 +350,23 @@ class Pending:
         self.status_r = self.ack_w = -1
         self.forked: int | None = None  # the intermediate's pid when pmond forked it itself
         self.reserve: FdReserve | None = None  # the fd reserve this launch lives on, if any
-        self._start(via)
+        # Copies of the listening sockets, for as long as the launch may need them (a launcher that dies
+        # with the request is replaced by a fork here, later): whoever holds spec.fds may close them.
+        self.listen: tuple[int, ...] = ()
+        try:
+            for fd in spec.fds:
+                self.listen += (os.dup(fd),)
+            self._start(via)
+        except BaseException:
+            self._close()
+            raise
 
     def _start(self, via: Launcher | None) -> None:
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         ack_r, ack_w = os.pipe2(os.O_CLOEXEC)
         try:
-            if via is None or not via.send(marshal.dumps(self.req), [status_w, ack_r]):
-                self.forked = _fork_intermediate(self.req, status_r, status_w, ack_r, ack_w)
+            if via is None or not via.send(marshal.dumps(self.req), [status_w, ack_r, *self.listen]):
+                self.forked = _fork_intermediate(self.req, status_r, status_w, ack_r, ack_w, self.listen)
         except BaseException:
             os.close(status_r)
             os.close(ack_w)
@@ -388,8 +402,9 @@ class Pending:
             if not msg and self.forked is None:
                 # The launcher died with our request in it: fork the intermediate ourselves.
                 reserve, self.reserve = self.reserve, None  # the launch goes on: keep what it lives on
+                listen, self.listen = self.listen, ()
                 self._close()
-                self.reserve = reserve
+                self.reserve, self.listen = reserve, listen
                 self._start(None)
                 msg = await self._report()
             if msg[:1] != b"P":
@@ -451,6 +466,9 @@ class Pending:
         if self.reserve is not None:
             self.reserve.done()
             self.reserve = None
+        for fd in self.listen:
+            os.close(fd)
+        self.listen = ()
 
 
 def begin(spec: LaunchSpec, via: Launcher | None = None) -> Pending:
@@ -482,7 +500,8 @@ async def launch(spec: LaunchSpec, via: Launcher | None = None) -> Launched:
     return await begin(spec, via).finish()
 
 
-def _fork_intermediate(req: tuple, status_r: int, status_w: int, ack_r: int, ack_w: int) -> int:  # type: ignore[type-arg]
+def _fork_intermediate(req: tuple, status_r: int, status_w: int, ack_r: int, ack_w: int,  # type: ignore[type-arg]
+                       listen: tuple[int, ...] = ()) -> int:
     limits = _services_nofile()
     try:
         pid = os.fork()
@@ -495,7 +514,7 @@ def _fork_intermediate(req: tuple, status_r: int, status_w: int, ack_r: int, ack
             os.close(ack_w)
             if limits is not None:
                 resource.setrlimit(resource.RLIMIT_NOFILE, limits)
-            code = launcher_code.intermediate(req, status_w, ack_r)
+            code = launcher_code.intermediate(req, status_w, ack_r, listen=listen)
         finally:
             os._exit(code)
     return pid

@@ -23,7 +23,7 @@ from typing import Any
 from pmon2 import procfs
 from pmon2 import spec as model
 from pmon2.config import Config
-from pmon2.daemon import auth, instances, recovery, spawn, watch
+from pmon2.daemon import auth, follow, instances, notify, recovery, rolling, sockets, spawn, watch
 from pmon2.daemon.launches import LaunchRecord, LaunchRecords
 from pmon2.daemon.persist import NotSaved, Persist
 from pmon2.daemon.policy import RestartPolicy, Status, Trigger, step
@@ -35,10 +35,9 @@ from pmon2.signals import parse_signal
 
 log = logging.getLogger("pmond")
 
-# After SIGKILL a process dies unless stuck in the kernel (D state); don't hang a client forever.
-KILL_WAIT = 10.0
-# While a stop waits for the rest of a group whose main process has exited: how often to look.
-GROUP_POLL = 0.02
+# Launches in flight at once in a bulk create: enough to keep the launcher busy, few enough that the
+# requests (with their environments) fit its socket's buffer, where a full one makes pmond fork itself.
+LAUNCHES_AT_ONCE = 16
 
 
 def iso(ts: float | None) -> str | None:
@@ -74,6 +73,7 @@ class Service:
     cpu_sample: Any = None  # usage.CpuSample: CPU times of every process of the service, per pid
     changed: asyncio.Event = field(default_factory=asyncio.Event)  # set and replaced at each status change
     status_known: asyncio.Event = field(default_factory=asyncio.Event)  # the last exit's status arrived
+    status_text: str | None = None  # the service's last STATUS= (sd_notify, notify.py)
 
     @property
     def policy(self) -> RestartPolicy:
@@ -98,6 +98,9 @@ class Supervisor:
         self.launcher = launcher  # None: pmond forks each intermediate itself
         self.instance_id = instance_id(config.paths.data_dir)
         self.launches = LaunchRecords(os.path.join(config.paths.run_dir, "launches"))
+        self.notify = notify.Notify(self, os.path.join(config.paths.run_dir, "notify"))  # sd_notify sockets
+        self.sockets = sockets.Sockets(self._event, lambda: self.services.values())  # `listen` (sockets.py)
+        self.follow = follow.Follower(self)  # successors: reload windows, pid files, daemonizing (follow.py)
         self.persist = Persist(store, on_commit=lambda count: self._note_commits(count))
         self._adopting = asyncio.Lock()  # one adoption at a time (adopt_existing)
         self._envs: dict[str, dict[str, str]] = {}  # one copy of each distinct environment
@@ -166,11 +169,18 @@ class Supervisor:
             chosen.update((s.id, s) for s in found)
         return [chosen[k] for k in sorted(chosen)]
 
-    def _check_free(self, name: str, but: Service | None = None) -> None:
+    def _check_free(self, name: str, but: Service | None = None, taken: dict[str, Any] | None = None) -> None:
         """Names are unique regardless of case (Api and api would be one log file on a case-folding disk,
-        and one service to a user)."""
+        and one service to a user). `taken`: case-folded name -> its Service, or the name itself for one
+        made earlier in the same bulk create (create_many), looked up there instead of a scan of every service."""
         folded = name.casefold()
-        clash = next((s for s in self.services.values() if s.name.casefold() == folded and s is not but), None)
+        if taken is not None:
+            clash = taken.get(folded)
+            clash = None if clash is but else clash
+        else:
+            clash = next((s for s in self.services.values() if s.name.casefold() == folded and s is not but), None)
+        if isinstance(clash, str):
+            raise Conflict(f"name {name!r} is given twice (as {clash!r}): names are unique regardless of case")
         if clash is not None:
             raise Conflict(f"name {name!r} is taken by service {clash.id} ({clash.name}); choose another with --name")
 
@@ -259,9 +269,8 @@ class Supervisor:
         adding = [i for i in range(count) if i not in have]
         for svc in self.groups().get(group, []):
             self._event(svc, "scale", f"{group} scaled to {count}")
-        made = await asyncio.gather(*(self._create_one(dict(template, name=instances.name(group, i),
-                                                             instance_of=group, instance=i))
-                                      for i in adding), return_exceptions=True)
+        made = await self.create_many([dict(template, name=instances.name(group, i), instance_of=group, instance=i)
+                                       for i in adding])
         failure = next((m for m in made if isinstance(m, BaseException)), None)
         if failure is not None:
             raise failure
@@ -291,12 +300,8 @@ class Supervisor:
             left = deadline - loop.time()
             if left <= 0:
                 raise PmonError(f"{svc.name} was not {condition} within {timeout:g} s")
-            changed = svc.changed
-            try:
-                # Also woken by the exit status arriving (`completed` needs the code).
-                await asyncio.wait_for(_either(changed, svc.status_known), min(left, 1.0))
-            except TimeoutError:
-                pass
+            # Also woken by the exit status arriving (`completed` needs the code).
+            await watch.unless(svc.status_known, svc.changed.wait(), None, min(left, 1.0))
 
     def by_name(self, name: str) -> Service | None:
         return next((s for s in self.services.values() if s.name == name), None)
@@ -341,6 +346,7 @@ class Supervisor:
             log.debug("%s: %s -> %s (%s)", svc.name, svc.status, d.status, d.reason)
         svc.status = d.status
         svc.fast_exits = d.fast_exits
+        self.notify.transition(svc, trigger)  # STATUS= of a new run, the watchdog while running
         svc.changed.set()  # wake whoever waits on a condition of this service (wait_for), then re-arm
         svc.changed = asyncio.Event()
         return d.retry_in
@@ -398,6 +404,7 @@ class Supervisor:
                 self._stop_orphans(sid, pids, records.get(sid))
         for sid in set(records) - known:
             self.launches.remove(sid)
+        rolls = rolling.Recovery(self)  # a roll cut short: its new and old processes (surge, retire records)
         for row in rows:
             svc = Service(id=row["id"], name=row["name"], spec=self._share_env(row["spec"]),
                           uid=auth.uid_of_user(row["spec"]["user"]), desired=row["desired"],
@@ -406,7 +413,10 @@ class Supervisor:
                           fast_exits=row["fast_exits"], retry_at=row["retry_at"], last_exit=row["last_exit"],
                           last_error=row["last_error"])
             self.services[svc.id] = svc
-            self._recover_one(svc, boot, records.get(svc.id))
+            self._recover_one(svc, boot, rolls.record(svc, records.get(svc.id)), marked.get(svc.id, []))
+            rolls.finish(svc)
+        self.notify.recover()  # the notify sockets of adopted services, at the paths they hold
+        self.sockets.recover(self.services.values())  # listening sockets, from the running services
         return restored
 
     def _rebuild(self, lost: dict[int, list[int]], records: dict[int, Any], boot: str) -> list[dict[str, Any]]:
@@ -453,7 +463,7 @@ class Supervisor:
             finally:
                 os.close(pidfd)
 
-    def _recover_one(self, svc: Service, boot: str, record: Any = None) -> None:
+    def _recover_one(self, svc: Service, boot: str, record: Any = None, marked: list[int] | None = None) -> None:
         # The launch record is at least as new as the database: pmond writes it first.
         candidates = [(svc.pid, svc.start_ticks, svc.boot_id)]
         if record is not None and (record.pid, record.start_ticks) != (svc.pid, svc.start_ticks):
@@ -470,6 +480,14 @@ class Supervisor:
             self._watch(svc, pid, pidfd)
             self._save(svc, "status", "pid", "start_ticks", "boot_id", "started_at")
             self._event(svc, "adopt", f"adopted running process {pid}", pid=pid)
+            if svc.desired == "stopped":
+                self._spawn_task(self.stop(str(svc.id)))
+            return
+        # Gone, but a successor of it runs (pmond was killed during a handover): adopt it, start no duplicate.
+        found = self.follow.after_restart(svc, marked or [], record.start_ticks if record is not None else None)
+        if found is not None:
+            svc.status = Status.RUNNING
+            self._hand_over(svc, *found)
             if svc.desired == "stopped":
                 self._spawn_task(self.stop(str(svc.id)))
             return
@@ -511,9 +529,11 @@ class Supervisor:
 
     # creating a service
 
-    def build_spec(self, req: dict[str, Any], but: Service | None = None) -> tuple[str, dict[str, Any]]:
+    def build_spec(self, req: dict[str, Any], but: Service | None = None,
+                   taken: dict[str, Any] | None = None) -> tuple[str, dict[str, Any]]:
         """Fields already checked by spec.check_body (SERVICE_FIELDS) -> (name, stored spec), with the
-        defaults applied and what needs the machine resolved: the executable, the log paths, the user."""
+        defaults applied and what needs the machine resolved: the executable, the log paths, the user.
+        `taken`: see _check_free."""
         argv = req.get("argv")
         if argv is None:
             raise BadRequest("argv: a command is needed: pmon2 run ./bin/app [args...]")
@@ -529,7 +549,8 @@ class Supervisor:
                 name = model.check_name(os.path.basename(argv[0]))
             except ValueError as exc:
                 raise BadRequest(f"name: {exc}; set one with --name") from None
-        self._check_free(name, but=but)
+        self._check_free(name, but=but, taken=taken)
+        sockets.check_caller(req, but, self.services.values())  # ports below 1024: root's
         user = req.get("user")
         if user is not None:
             check_user(user)
@@ -578,45 +599,90 @@ class Supervisor:
     async def create(self, req: dict[str, Any]) -> Service:
         """Create a service (and start it, unless autostart is false); with `instances` = N, the N services
         NAME:0 ... NAME:N-1, started at once. Returns the (first) service."""
-        count = req.get("instances", 1)
-        if count == 1 and not req.get("instance_of"):
-            return await self._create_one(req)
-        group = req.get("name") or model.check_name(os.path.basename(req["argv"][0]))
-        self._check_free(group)
-        made = await asyncio.gather(*(self._create_one(dict(req, name=instances.name(group, i), instance_of=group,
-                                                             instance=i, instances=count))
-                                      for i in range(count)), return_exceptions=True)
-        failure = next((m for m in made if isinstance(m, BaseException)), None)
-        if failure is not None:
-            raise failure
-        return made[0]  # type: ignore[return-value]
+        made = (await self.create_many([req]))[0]
+        if isinstance(made, BaseException):
+            raise made
+        return made[0]
 
-    async def _create_one(self, req: dict[str, Any]) -> Service:
-        name, spec = self.build_spec(req)
-        if "instance_of" in req:
-            spec["instance_of"], spec["instance"] = req["instance_of"], req["instance"]
-            spec["fields"] = {k: v for k, v in spec["fields"].items() if k not in ("instance_of", "instance")}
-            spec["fields"]["name"] = req["instance_of"]
-        service_id = await self.persist.commit(lambda: self.store.insert_service(name, spec, Status.STOPPED.value))
-        svc = Service(id=service_id, name=name, spec=self._share_env(spec), uid=auth.uid_of_user(spec["user"]))
-        self.services[svc.id] = svc
-        if not req.get("autostart", True):
-            svc.desired = "stopped"
-            self._save(svc, "desired")
-            self._event(svc, "create", "created, not started (autostart = false)")
-            return svc
-        async with svc.lock:
+    async def create_many(self, reqs: list[dict[str, Any]]) -> list[list[Service] | PmonError]:
+        """Create services in bulk (an apply's creates): per request, its services (NAME:0 ... with
+        `instances`), or the error that failed it, in order. Every request is built and checked first (names
+        against one case-folded index, not a scan of every service per name); the rows of all of them are
+        one transaction (one command: one commit count, one watermark write); then every start begins at
+        once, at most LAUNCHES_AT_ONCE launches in flight. A service whose start fails leaves no trace (the
+        user fixes the command and applies again); the others go on. Raises NotSaved when the rows cannot
+        be written (nothing was created)."""
+        taken: dict[str, Any] = {s.name.casefold(): s for s in self.services.values()}
+        results: list[list[Service] | PmonError] = [[] for _ in reqs]
+        units: list[tuple[int, str, dict[str, Any], bool]] = []  # (request, name, spec, autostart)
+        for i, req in enumerate(reqs):
             try:
-                await self._start(svc, user_initiated=True)
-            except SpawnError:
-                # Leave no trace of a service that never ran: the user fixes the command and runs again.
-                self._forget(svc)
+                built = []
+                for one in self._members(req, taken):
+                    name, spec = self.build_spec(one, taken=taken)
+                    if "instance_of" in one:
+                        spec["instance_of"], spec["instance"] = one["instance_of"], one["instance"]
+                        given = {k: v for k, v in spec["fields"].items() if k not in ("instance_of", "instance")}
+                        spec["fields"] = dict(given, name=one["instance_of"])
+                    built.append((i, name, spec, bool(req.get("autostart", True))))
+                    taken[name.casefold()] = name
+            except PmonError as exc:
+                results[i] = exc
+                continue
+            units += built
+        if not units:
+            return results
+
+        def insert() -> list[int]:
+            ids = [self.store.insert_service(name, spec, Status.STOPPED.value) for _, name, spec, _ in units]
+            for sid, (_, _, _, autostart) in zip(ids, units, strict=True):
+                if not autostart:
+                    self.store.update_service(sid, desired="stopped")
+            return ids
+
+        ids = await self.persist.commit(insert)
+        slots = asyncio.Semaphore(LAUNCHES_AT_ONCE)
+
+        async def start(i: int, svc: Service) -> None:
+            async with slots, svc.lock:
                 try:
-                    await self.persist.commit(lambda: self.store.delete_service(service_id))
-                except NotSaved as exc:
-                    log.error("%s: cannot remove the service that failed to start: %s", name, exc.message)
-                raise
-        return svc
+                    await self._start(svc, user_initiated=True)
+                except SpawnError as exc:
+                    # Leave no trace of a service that never ran: the user fixes the command and runs again.
+                    self._forget(svc)
+                    try:
+                        await self.persist.commit(lambda: self.store.delete_service(svc.id))
+                    except NotSaved as gone:
+                        log.error("%s: cannot remove the service that failed to start: %s", svc.name, gone.message)
+                    if not isinstance(results[i], PmonError):
+                        results[i] = exc
+
+        starts = []
+        for sid, (i, name, spec, autostart) in zip(ids, units, strict=True):
+            svc = Service(id=sid, name=name, spec=self._share_env(spec), uid=auth.uid_of_user(spec["user"]))
+            self.services[sid] = svc
+            results[i].append(svc)  # type: ignore[union-attr]
+            if autostart:
+                starts.append(start(i, svc))
+            else:
+                svc.desired = "stopped"
+                self._event(svc, "create", "created, not started (autostart = false)")
+        await asyncio.gather(*starts)
+        return results
+
+    def _members(self, req: dict[str, Any], taken: dict[str, Any]) -> list[dict[str, Any]]:
+        """A create request as the request of each service it makes: itself, or NAME:0 ... NAME:N-1 for
+        `instances` = N (the group's name NAME must be free as well)."""
+        count = req.get("instances", 1)
+        if count == 1 or req.get("instance_of"):
+            return [req]  # one service, or one instance (scale)
+        try:
+            group = req.get("name") or model.check_name(os.path.basename(req["argv"][0]))
+        except ValueError as exc:
+            raise BadRequest(f"name: {exc}; set one with --name") from None
+        self._check_free(group, taken=taken)
+        return [dict(req, name=instances.name(group, i), instance_of=group, instance=i, instances=count)
+                for i in range(count)]
 
     async def adopt_existing(self, req: dict[str, Any]) -> tuple[Service, dict[str, Any]]:
         """POST /v1/adopt (`pmon2 import`, root only): one service taken over from another manager, fields
@@ -710,7 +776,7 @@ class Supervisor:
                     pidfd = None
                     self._event(svc, "adopt", f"adopted running process {pid} ({found.why}), imported from Pmon2 "
                                 "(Go); it carries no PMON2_SERVICE marker", pid=pid, imported_from=origin)
-                    self.rotator.wake()
+                    self.rotator.wake(self.log_files(svc))
                     return svc, {"outcome": "adopted", "pid": pid, "notes": notes}
                 if start:
                     sid = await self.persist.commit(lambda: self.store.insert_service(name, spec, Status.STOPPED.value))
@@ -755,6 +821,7 @@ class Supervisor:
     def _forget(self, svc: Service) -> None:
         """Drop a service from memory and the run dir (the caller deletes its row)."""
         del self.services[svc.id]
+        self.follow.forget(svc.id)
         self.persist.forget(svc.id)
         self.launches.remove(svc.id)
         if not any(other.spec["env"] is svc.spec["env"] for other in self.services.values()):
@@ -763,10 +830,13 @@ class Supervisor:
     def _launch_spec(self, svc: Service) -> spawn.LaunchSpec:
         s = svc.spec
         argv, env = instances.launch_values(s)
+        env = self.notify.env(svc, env)  # NOTIFY_SOCKET, WATCHDOG_USEC: pmond's, never stored ones
+        fds, env = self.sockets.launch(svc, env)  # `listen`: fds 3.., LISTEN_FDS, LISTEN_FDNAMES
         return spawn.LaunchSpec(exe=s["exe"], argv=argv, cwd=s["cwd"], env=env,
                                 out_log=s["out_log"], err_log=s["err_log"], user=s["user"],
                                 trusted_log_dir=self.config.paths.log_dir,
-                                marker=f"{getattr(self, 'instance_id', '')}:{svc.id}", group=s.get("group"))
+                                marker=f"{getattr(self, 'instance_id', '')}:{svc.id}", group=s.get("group"),
+                                fds=fds)
 
     async def _start(self, svc: Service, *, user_initiated: bool, restart: bool = False,
                      pending: spawn.Pending | None = None) -> None:
@@ -799,7 +869,7 @@ class Supervisor:
                    "retry_at", "last_error")
         self._event(svc, "restart" if restart else "start", f"started process {launched.pid}",
                     pid=launched.pid, restarts=svc.restarts)
-        self.rotator.wake()
+        self.rotator.wake(self.log_files(svc))
         if svc.status is Status.STARTING:
             self._spawn_task(self._await_ready(svc, svc.generation))
 
@@ -817,6 +887,8 @@ class Supervisor:
         self.watcher.watch(pid, pidfd, on_exit, on_status)
 
     def _on_exit(self, svc: Service, pid: int, pidfd: int) -> tuple[int | None, float | None]:
+        if pid != svc.pid or self.follow.on_main_exit(svc, pid, pidfd):
+            return None, None  # handed over before (MAINPID=, a roll) or now (follow.py): no exit of the service
         now = time.time()
         runtime = now - svc.started_at if svc.started_at else None
         svc.pidfd = None  # the watcher keeps it until the status is known, then closes it
@@ -824,7 +896,7 @@ class Supervisor:
         if svc.status is not Status.STOPPING:
             # Leftovers of a crashed service's group would hold its ports and files. (A stop gives them
             # their grace time instead: _terminate.)
-            self._kill_leftovers(svc, pid, pidfd)
+            self._kill_leftovers(svc, *self.follow.group(svc, pid, pidfd))
         svc.last_exit = {"code": None, "signal": None, "at": iso(now),
                          "runtime_s": round(runtime, 3) if runtime is not None else None,
                          "source": "pending", "pid": pid}
@@ -889,15 +961,17 @@ class Supervisor:
         from pmon2.daemon import probes
 
         spec = svc.spec
-        pidfd = svc.pidfd
         try:
-            probe = probes.parse(spec["ready"])
+            probe = None if spec["ready"] == "notify" else probes.parse(spec["ready"])
         except ValueError as exc:
             result = probes.Result(False, str(exc))
         else:
-            result = await probes.wait_ready(probe, deadline_s=spec.get("start_timeout", 90.0), stop=svc.exited,
-                                             env=instances.launch_values(spec)[1], cwd=spec["cwd"],
-                                             user=probe_identity(spec))
+            if probe is None:  # sd_notify (systemd's Type=notify): READY=1 on its notify socket, notify.py
+                result = await self.notify.wait_ready(svc, spec.get("start_timeout", 90.0), svc.exited)
+            else:
+                result = await probes.wait_ready(probe, deadline_s=spec.get("start_timeout", 90.0), stop=svc.exited,
+                                                 env=instances.launch_values(spec)[1], cwd=spec["cwd"],
+                                                 user=probe_identity(spec))
         if svc.id not in self.services or svc.generation != gen or svc.status is not Status.STARTING:
             return
         if result.ok:
@@ -906,8 +980,12 @@ class Supervisor:
             self._event(svc, "ready", f"ready: {result.detail}")
             return
         self._event(svc, "start_failed", f"not ready: {result.detail}")
-        if pidfd is not None and svc.pid is not None:
-            watch.signal_group(pidfd, svc.pid, signal.SIGKILL)  # its exit goes through the policy
+        self.follow.signal(svc, signal.SIGKILL)  # the current main's group; its exit goes through the policy
+
+    async def _wait_ready_pid(self, svc: Service, pid: int, timeout: float) -> Any:
+        """Until process `pid` of `svc` (e.g. a surge process, not yet the main) has sent READY=1 on the
+        service's notify socket -> probes.Result(ok, detail); see notify.Notify.wait_ready_pid."""
+        return await self.notify.wait_ready_pid(svc, pid, timeout)
 
     def _exit_event(self, svc: Service, pid: int, runtime: float | None) -> int | None:
         return self._event(svc, "exit", words.exit_message(pid, {"source": "pending", "runtime_s": runtime}),
@@ -932,11 +1010,43 @@ class Supervisor:
     def _kill_leftovers(self, svc: Service, pgid: int, pidfd: int) -> None:
         """SIGKILL what is left of the group the exited main process led, through its pidfd (which the
         watcher still holds): never by a number that may have been reused."""
-        if (not watch.signal_group(pidfd, pgid, signal.SIGKILL) and not watch.GroupSignal.probe()
+        if (not watch.signal_tree(pidfd, pgid, signal.SIGKILL) and not watch.GroupSignal.probe()
                 and procfs.group_members(pgid)):
             self._event(svc, "leftovers", f"process group {pgid} may have leftovers; not signalled: "
                         "its leader is already reaped and this kernel (before 6.9) cannot signal a "
                         "group through a pidfd", pgid=pgid)
+
+    def _hand_over(self, svc: Service, pid: int, pidfd: int, why: str) -> None:
+        """Make `pid` (pinned by `pidfd`, which this takes, and already checked) the service's main process:
+        its identity, a launch record (first: a pmond killed from here on adopts `pid`), the watch. The old
+        main's exit, before or after, is no exit of the service (_on_exit); restarts unchanged; nothing is
+        started or killed. Event `reload`: "pid A handed over to pid B (why)"."""
+        old, st, boot = svc.pid, procfs.read_stat(pid), procfs.boot_id()
+        ticks = st.starttime if st is not None else 0
+        try:
+            self.launches.write(LaunchRecord(svc.id, pid, ticks, boot, svc.name))
+        except OSError as exc:
+            log.warning("%s: no launch record for process %d: %s", svc.name, pid, exc.strerror)
+        extra = self.follow.handed_over(svc, old, svc.pidfd, pid, why)
+        svc.pid, svc.start_ticks, svc.boot_id = pid, ticks, boot
+        svc.started_at, svc.cpu_sample = procfs.start_wall_time(ticks), None
+        self._watch(svc, pid, pidfd)
+        self._save(svc, "status", "pid", "start_ticks", "boot_id", "started_at")
+        self._event(svc, "reload", f"pid {old} handed over to pid {pid}" + (f" ({why})" if why else ""),
+                    pid=pid, from_pid=old, why=why, **extra)
+
+    def _claim_main_pid(self, svc: Service, pid: int, source: str) -> str | None:
+        """systemd's rule for MAINPID= and pid files (`source` says which): `pid` becomes the main process if
+        it belongs to the service and runs as its uid (follow.Follower.membership), by _hand_over. None on
+        success (or when it already is the main), else the reason it was refused, also recorded."""
+        if svc.alive and pid == svc.pid:
+            return None
+        pidfd, why = self.follow.claim(svc, pid)
+        if pidfd is None:
+            self._event(svc, "reload", f"{source}: pid {pid} refused: {why}", pid=pid, refused=True, source=source)
+            return why
+        self._hand_over(svc, pid, pidfd, source)
+        return None
 
     def _schedule_retry(self, svc: Service, delay: float) -> None:
         self._cancel_retry(svc)
@@ -979,53 +1089,22 @@ class Supervisor:
                 self._save(svc, "status", "retry_at")
             return
         assert svc.pid is not None and svc.pidfd is not None
-        pid, exited = svc.pid, svc.exited
-        group = os.dup(svc.pidfd)  # pins the group's identity past the main process's exit and reaping
+        pid, group = self.follow.group(svc, svc.pid, svc.pidfd)  # a followed main may lead no group (follow.py)
+        group = os.dup(group)  # pins the group's identity past the main process's exit and reaping
         escalate = svc.escalate = asyncio.Event()
         try:
             self._transition(svc, Trigger.STOP)
             self._save(svc, "status")
             sig = signal.SIGKILL if force else parse_signal(svc.spec["stop_signal"])
             self._event(svc, "stop", f"sending {sig.name} to process group {pid}", pid=pid, signal=sig.name)
-            watch.signal_group(group, pid, sig)
-            if not force:
-                if await self._group_gone(group, pid, exited, svc.spec["kill_timeout"], escalate):
-                    return
-                why = ("stop -f" if escalate.is_set()
-                       else f"still running after {svc.spec['kill_timeout']:g} s")
-                self._event(svc, "kill", f"{why}: sending SIGKILL to process group {pid}", pid=pid)
-                watch.signal_group(group, pid, signal.SIGKILL)
-            if not await self._group_gone(group, pid, exited, KILL_WAIT, None):
+            if not await watch.stop_group(group, pid, svc.exited, sig, svc.spec["kill_timeout"], escalate=escalate,
+                                          note_kill=lambda text: self._event(svc, "kill", text, pid=pid)):
                 raise PmonError(f"process group {pid} of {svc.name} did not die after SIGKILL "
                                 "(stuck in the kernel?)")
         finally:
             os.close(group)
             if svc.escalate is escalate:
                 svc.escalate = None
-
-    async def _group_gone(self, group: int, pgid: int, exited: asyncio.Event, timeout: float,
-                          escalate: asyncio.Event | None) -> bool:
-        """Wait until the main process has exited and no process of its group runs: True; False at the
-        deadline or once `escalate` is set. The main exit is an event (pidfd); the rest of the group can
-        only be looked at, every GROUP_POLL seconds, and only while a stop waits for it."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        waits = [exited.wait()] + ([escalate.wait()] if escalate is not None else [])
-        tasks = [asyncio.ensure_future(w) for w in waits]
-        try:
-            await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for t in tasks:
-                t.cancel()
-        while True:
-            if escalate is not None and escalate.is_set():
-                return False
-            if exited.is_set() and not watch.group_alive(group, pgid):
-                return True
-            left = deadline - loop.time()
-            if left <= 0:
-                return False
-            await asyncio.sleep(min(GROUP_POLL, left))
 
     # user operations
 
@@ -1047,10 +1126,19 @@ class Supervisor:
         async with svc.lock:
             await self._commit_desired(svc, "stopped")
             await self._terminate(svc, force)
+            self.sockets.collect()  # a stopped service's sockets close: connections are refused, not left waiting
         return svc
 
     async def restart(self, ref: str) -> Service:
+        """Stop then start; an instance of a group, or a --listen service without reload_signal, rolls
+        instead (rolling.py: a new process first, in batches of rolling_batch)."""
         svc = self.find(ref)
+        how = rolling.strategy_of(self, svc, "restart")
+        if how is not None:
+            return (await rolling.replace(self, svc, "restart", how)).svc
+        return await self.restart_in_place(svc)
+
+    async def restart_in_place(self, svc: Service) -> Service:
         async with svc.lock:
             was_alive = svc.alive
             await self._commit_desired(svc, "running")
@@ -1059,7 +1147,10 @@ class Supervisor:
             await self._start(svc, user_initiated=True, restart=was_alive)
         return svc
 
-    async def reload(self, ref: str, sig_name: str | None) -> tuple[Service, str]:
+    async def reload(self, ref: str, sig_name: str | None, wait: float | bool | None = None) -> tuple[Service, str]:
+        """Send the reload signal and open the reload window (follow.py): until reload_timeout, an exit of the
+        main process that leaves a successor is a handover, not a crash. With `wait` (True: reload_timeout,
+        or seconds), return once the handover is done; PmonError with the reason when there was none."""
         svc = self.find(ref)
         sig = parse_signal(sig_name or svc.spec.get("reload_signal") or "USR2")
         if svc.status is Status.STOPPING:
@@ -1068,9 +1159,15 @@ class Supervisor:
             if not svc.alive or svc.status not in (Status.RUNNING, Status.STARTING):
                 raise Conflict(f"{svc.name} is not running ({svc.status}); start it first")
             assert svc.pidfd is not None
+            window = self.follow.open_window(svc)  # first: a child forked at the signal is seen
             if not watch.send_signal(svc.pidfd, sig):
+                self.follow.close_window(svc, f"{svc.name} exited before the signal")
                 raise Conflict(f"{svc.name} has just exited")
             self._event(svc, "reload", f"sent {sig.name} to process {svc.pid}", pid=svc.pid, signal=sig.name)
+        if wait is not None and wait is not False:
+            got = await self.follow.wait(window, svc.spec.get("reload_timeout", 30.0) if wait is True else wait)
+            if not got.ok:
+                raise PmonError(got.message, code="no_handover")
         return svc, sig.name
 
     async def delete(self, ref: str, force: bool = False) -> Service:
@@ -1089,6 +1186,8 @@ class Supervisor:
             except NotSaved as exc:
                 raise NotSaved(f"{svc.name} is stopped but not deleted: {exc.message}") from None
             self._forget(svc)
+            self.notify.close(svc.id)
+            self.sockets.collect()  # its listening sockets, unless its group still has members
             self._event(None, "delete", "deleted", name=svc.name, owner_uid=svc.uid)
         return svc
 
@@ -1098,18 +1197,23 @@ class Supervisor:
                               keep=c.log_keep if s.get("log_keep") is None else s["log_keep"],
                               compress=c.log_compress if s.get("log_compress") is None else s["log_compress"])
 
+    def log_files(self, svc: Service) -> list[Any]:
+        """The logs of one service (rotate.LogFile): what a start hands the rotator to probe."""
+        from pmon2.daemon.rotate import LogFile, log_owner
+
+        owners, chown = log_owner(svc.spec["user"])
+        policy, writer = self.rotation_policy(svc), svc.pid if svc.alive else None
+        return [LogFile(p, policy, svc.name, svc.id, owners, chown, writer)
+                for p in dict.fromkeys((svc.spec["out_log"], svc.spec["err_log"]))]
+
     def rotation_files(self) -> list[Any]:
         """Every log pmond knows (rotate.LogFile), its service running or not, and pmond's own."""
-        from pmon2.daemon.rotate import LogFile, log_owner
+        from pmon2.daemon.rotate import LogFile
 
         c = self.config
         files = []
         for svc in self.services.values():
-            policy = self.rotation_policy(svc)
-            owners, chown = log_owner(svc.spec["user"])
-            writer = svc.pid if svc.alive else None
-            files += [LogFile(p, policy, svc.name, svc.id, owners, chown, writer)
-                      for p in dict.fromkeys((svc.spec["out_log"], svc.spec["err_log"]))]
+            files += self.log_files(svc)
         files.append(LogFile(os.path.join(c.paths.log_dir, "pmond.log"),
                              RotationPolicy(c.log_max_size, c.log_keep, c.log_compress), "pmond",
                              owners=frozenset({os.geteuid()}), quiet=True))
@@ -1165,7 +1269,7 @@ class Supervisor:
             "last_exit": public_exit(svc.last_exit), "last_error": svc.last_error,
             "autorestart": s["autorestart"], "restart": restart_mode(s), "out_log": s["out_log"],
             "err_log": s["err_log"], "instance_of": s.get("instance_of"), "instance": s.get("instance"),
-            "tags": s.get("tags", []), "source": s.get("source"),
+            "tags": s.get("tags", []), "source": s.get("source"), "status_text": svc.status_text,
         }
         if detail:
             try:
@@ -1178,8 +1282,10 @@ class Supervisor:
                     "exe": s["exe"], "env": s["env"] if show_env else model.mask_env(s["env"]),
                     "env_masked": not show_env, "min_uptime": s["min_uptime"],
                     "kill_timeout": s["kill_timeout"], "stop_signal": s["stop_signal"],
-                    "fast_exits": svc.fast_exits, "recent_exits": recent, "imported_from": s.get("imported_from")}
+                    "fast_exits": svc.fast_exits, "recent_exits": recent, "imported_from": s.get("imported_from"),
+                    "followed": self.follow.describe(svc)}
             out |= {k: s.get(k, model.SERVICE[k].default) for k in OPTIONAL_FIELDS if k not in ("tags", "source")}
+            out |= self.notify.view(svc)
         return out
 
     def _usage(self, svc: Service, scan: Any = None) -> dict[str, Any]:
@@ -1229,18 +1335,11 @@ def resolve_executable(cmd: str, cwd: str, path_var: str) -> str:
 
 # Fields stored in a spec only when they differ from their defaults (specs written before them lack them).
 OPTIONAL_FIELDS = ("group", "success_exit_codes", "exit_status_wait", "max_restarts", "backoff_base", "backoff_cap",
-                   "reload_signal", "port", "tags", "ready", "start_timeout", "depends_on", "source")
+                   "reload_signal", "port", "tags", "ready", "start_timeout", "depends_on", "source",
+                   "rolling_batch", "watchdog_sec", "listen", "reuseport", "pidfile", "reload_timeout")
 # A change of these takes effect at the next start: `update` says a restart is needed.
-RESTART_FIELDS = frozenset({"argv", "cwd", "env", "user", "group", "log", "log_dir", "port", "ready"})
-
-
-async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
-    tasks = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for t in tasks:
-            t.cancel()
+RESTART_FIELDS = frozenset({"argv", "cwd", "env", "user", "group", "log", "log_dir", "port", "ready",
+                            "watchdog_sec", "listen", "reuseport", "pidfile"})
 
 
 def legacy_fields(spec: dict[str, Any], name: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ All pidfds live in one epoll set whose fd sits in the asyncio loop: no polling, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import logging
@@ -16,8 +17,9 @@ import os
 import select
 import signal
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pmon2 import procfs
 
@@ -27,6 +29,9 @@ _INFO_SIZE = 64
 _EXIT_CODE_OFFSET = 60
 # How long to wait for init to reap an exited service before calling its status unknown.
 STATUS_DEADLINE = 30.0
+KILL_WAIT = 10.0  # seconds a stop waits for a group to die after SIGKILL
+GROUP_POLL = 0.02  # seconds between two looks at a group whose main process has exited, while a stop waits
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -113,6 +118,25 @@ class PidfdInfo:
         if not mask & PIDFD_INFO_EXIT:
             return None
         return ExitStatus.from_wait_status(struct.unpack_from("=i", buf, _EXIT_CODE_OFFSET)[0], "pidfd")
+
+
+def exit_status_now(pid: int, pidfd: int, proc: str = "/proc") -> ExitStatus | None:
+    """The exit status of a process that has exited (its pidfd is readable), before its parent reaps it if
+    need be: the zombie's /proc/PID/stat (field 52, exit_code, a wait status; Linux 3.5+) while it is
+    unreaped (the pidfd tells, before and after the read, that the number is still the zombie's), else
+    PIDFD_INFO_EXIT (Linux 6.15+, once reaped). None when neither tells (yet); source "proc" or "pidfd".
+    (The Watcher's own sources, the proc connector and pmond's waitpid, are for the processes it watches.)"""
+    if not reaped(pidfd):
+        data = procfs._read_all(f"{proc}/{pid}/stat")
+        if data and not reaped(pidfd):
+            try:
+                fields = data[data.rindex(b")") + 2:].split()
+                if len(fields) > 49 and fields[0] in (b"Z", b"X"):
+                    return ExitStatus.from_wait_status(int(fields[49]), "proc")
+            except ValueError:
+                pass
+    got = PidfdInfo.exit_status(pidfd)
+    return got if got is not None and got.known else None
 
 
 ExitCallback = Callable[[], None]
@@ -288,6 +312,13 @@ def signal_group(pidfd: int, pgid: int, sig: int) -> bool:
         return send_signal(pidfd, sig)
 
 
+def signal_tree(pidfd: int, pgid: int, sig: int) -> bool:
+    """Signal the process group `pgid` through `pidfd` (signal_group), or, when that reaches nobody, the
+    process behind `pidfd` alone: a main process that was handed over to (a re-exec, MAINPID=) may lead no
+    group, and its leader may be gone (daemon/follow.py, Follower.group). False when nothing was reached."""
+    return signal_group(pidfd, pgid, sig) or send_signal(pidfd, sig)
+
+
 def group_alive(pidfd: int, pgid: int) -> bool:
     """Is any process of the group still running? Zombies count as gone (init may reap late)."""
     if GroupSignal.probe():
@@ -300,6 +331,71 @@ def group_alive(pidfd: int, pgid: int) -> bool:
     elif reaped(pidfd):
         return False  # the number may be reused: what is left cannot be told from a stranger
     return bool(procfs.group_members(pgid))
+
+
+async def unless(stop: asyncio.Event | None, work: Awaitable[T], otherwise: T, timeout: float | None = None) -> T:
+    """`work`'s result; `otherwise` as soon as `stop` is set or `timeout` seconds have passed, whichever
+    comes first (`work` is then cancelled). The one "wait for one of two things" of pmond."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(stop.wait()) if stop is not None else None
+    try:
+        await asyncio.wait([task] + ([waiter] if waiter is not None else []), timeout=timeout,
+                           return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        if waiter is not None:
+            waiter.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return otherwise
+
+
+async def group_gone(pidfd: int, pgid: int, exited: asyncio.Event, timeout: float,
+                     escalate: asyncio.Event | None = None) -> bool:
+    """Wait until the main process has exited (`exited`) and no process of its group `pgid` (signalled
+    through `pidfd`) runs: True; False at the deadline or once `escalate` is set. The main's exit is an
+    event; the rest of the group can only be looked at, every GROUP_POLL seconds, and only while a stop
+    waits for it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    await unless(escalate, exited.wait(), None, timeout)
+    while True:
+        if escalate is not None and escalate.is_set():
+            return False
+        if exited.is_set() and not group_alive(pidfd, pgid):
+            return True
+        left = deadline - loop.time()
+        if left <= 0:
+            return False
+        await asyncio.sleep(min(GROUP_POLL, left))
+
+
+async def stop_group(pidfd: int, pgid: int, exited: asyncio.Event, sig: int, grace: float, *,
+                     note_kill: Callable[[str], object], escalate: asyncio.Event | None = None,
+                     still: Callable[[], bool] | None = None) -> bool:
+    """The stop sequence, as systemd's KillMode=control-group: `sig` to the group `pgid` (through `pidfd`,
+    or the process alone when it leads none: signal_tree), `grace` seconds for the main process to exit
+    (`exited`) and the group to be gone, then SIGKILL and KILL_WAIT more. `escalate` set meanwhile (stop
+    -f): SIGKILL at once. `still`, asked before the SIGKILL: False when someone else took over (the
+    sequence then stops there). `note_kill(message)` records the SIGKILL. True once nothing of the group
+    runs; False when something still runs after SIGKILL (stuck in the kernel?) or `still` said no. The
+    caller records the first signal and keeps `pidfd` open throughout."""
+    signal_tree(pidfd, pgid, sig)
+    if sig != signal.SIGKILL:
+        if await group_gone(pidfd, pgid, exited, grace, escalate):
+            return True
+        if still is not None and not still():
+            return False
+        why = "stop -f" if escalate is not None and escalate.is_set() else \
+            f"still running {grace:g} s after {signal.Signals(sig).name}"
+        note_kill(f"{why}: sending SIGKILL to process group {pgid}")
+        signal_tree(pidfd, pgid, signal.SIGKILL)
+    return await group_gone(pidfd, pgid, exited, KILL_WAIT)
 
 
 def adopt(pid: int, start_ticks: int | None, boot_id: str | None) -> int | None:

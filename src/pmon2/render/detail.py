@@ -60,6 +60,21 @@ def imported_text(svc: dict[str, Any]) -> str:
     return text
 
 
+def notify_rows(svc: dict[str, Any]) -> tuple[list[tuple[str, str]], tuple[str, str]]:
+    """What the service said over sd_notify (its `notify` object and `status_text`): its STATUS= text, a
+    reload in progress and a stop it announced (shown under the status); and its socket and watchdog."""
+    n = svc["notify"]
+    said = []
+    if n.get("reloading_since"):
+        said.append(f"reloading since {n['reloading_since']} (RELOADING=1, until READY=1)")
+    if n.get("stopping"):
+        said.append("stopping on its own (STOPPING=1)")
+    rows = [("status text", svc.get("status_text") or "-")] + [("", line) for line in said]
+    watchdog = (f"; watchdog {n['watchdog_s']:g} s, last WATCHDOG=1 {n.get('watchdog_at') or 'none yet'}"
+                if n.get("watchdog_s") else "")
+    return rows, ("sd_notify", f"NOTIFY_SOCKET={n['socket']}{watchdog}")
+
+
 def render_detail(svc: dict[str, Any], color: bool) -> str:
     cpu, memory = usage_text(svc)
     restart = "on exit" if svc.get("autorestart") else "never (--no-autorestart)"
@@ -80,6 +95,13 @@ def render_detail(svc: dict[str, Any], color: bool) -> str:
         ("stop", f"{svc.get('stop_signal', 'SIGTERM')}, SIGKILL after {svc.get('kill_timeout', 5):g} s"),
         ("last exit", describe_exit(svc.get("last_exit"))),
     ]
+    if svc.get("notify"):
+        said, socket_row = notify_rows(svc)
+        rows[1:1] = said
+        rows.insert(-1, socket_row)
+    if svc.get("listen"):  # sockets pmond holds and passes as fds 3.. (daemon/sockets.py)
+        per = "; each instance its own (SO_REUSEPORT)" if svc.get("reuseport") else ""
+        rows.insert(-1, ("listen", ", ".join(svc["listen"]) + per))
     older = list(reversed(svc.get("recent_exits") or []))[1:]  # the newest is the last exit above
     for i, item in enumerate(older):
         rows.append(("earlier exits" if i == 0 else "", paint(describe_exit(item), "grey", color)))
@@ -87,6 +109,11 @@ def render_detail(svc: dict[str, Any], color: bool) -> str:
         rows.append(("last error", svc["last_error"]))
     if svc.get("imported_from"):
         rows.append(("imported", imported_text(svc)))
+    if svc.get("followed"):  # the main process is a successor of the one pmon2 started (daemon/follow.py)
+        f = svc["followed"]
+        rows.append(("followed", f"pid {f['pid']}, handed over from pid {f['from_pid']} ({f.get('why')})"))
+        if f.get("hint"):
+            rows.append(("", f"better: {f['hint']}"))
     if svc["status"] == "backoff" and svc.get("retry_at"):
         rows.append(("next attempt", svc["retry_at"]))
     rows += [("stdout log", svc["out_log"]), ("stderr log", svc["err_log"])]

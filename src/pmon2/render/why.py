@@ -37,6 +37,24 @@ def streak(events: list[dict[str, Any]], fast: int) -> list[str]:
     return kinds[-fast:] if fast > 0 else []
 
 
+def followed(svc: dict[str, Any], events: list[dict[str, Any]]) -> str | None:
+    """Why the main process is not the one pmon2 started (daemon/follow.py): from the service's `followed`,
+    or, after a restart of pmond, from the handover event that named its pid."""
+    f = svc.get("followed") or next((e.get("data") for e in reversed(events) if e["kind"] == "reload"
+                                     and (e.get("data") or {}).get("pid") == svc.get("pid")
+                                     and (e.get("data") or {}).get("from_pid")), None)
+    if not f or not svc.get("pid"):
+        return None
+    if f.get("pattern") == "daemonize":
+        return (f"Process {f['from_pid']}, which pmon2 started, exited 0 at once and left process {f['pid']}: the "
+                f"program daemonized itself, and pmon2 follows process {f['pid']} as the service. Better: "
+                f"{f.get('hint') or 'run it in the foreground, or give --pidfile'}.")
+    if f.get("pattern") == "forking":
+        return (f"Its main process {f['pid']} took over from process {f['from_pid']}, which pmon2 started and "
+                "which exited 0 as --pidfile (systemd's Type=forking) expects.")
+    return f"Its main process {f['pid']} took over from process {f['from_pid']} ({f.get('why') or 'a handover'})."
+
+
 def explain(svc: dict[str, Any], events: list[dict[str, Any]], err_lines: int = 5) -> str:
     name = svc["name"]
     exits = [e for e in events if e["kind"] == "exit"]
@@ -50,6 +68,8 @@ def explain(svc: dict[str, Any], events: list[dict[str, Any]], err_lines: int = 
                          f"recent exits: {recent or 'none recorded'}.")
         else:
             parts.append(f"{name} is running (pid {svc['pid']}, up {up}) and has not restarted.")
+        if (handed := followed(svc, events)) is not None:
+            parts.append(handed)
     elif status == "backoff":
         fast = svc.get("fast_exits") or 0
         wait = svc.get("retry_in_s")
