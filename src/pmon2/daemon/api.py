@@ -241,7 +241,7 @@ class Api:
 
     async def adopt(self, caller: Caller, fields: dict[str, Any], **_: Any) -> tuple[int, Any]:
         """`pmon2 import`: a service taken over from another manager, its running process adopted in place
-        (Supervisor.adopt_existing). Adopting an arbitrary pid is root's alone (auth.py)."""
+        (daemon/adopt.py). Adopting an arbitrary pid is root's alone (auth.py)."""
         caller.require_root("adopting a running process (pmon2 import)")
         if "argv" not in fields:
             raise BadRequest("argv: the command of the service is needed")
