@@ -1,5 +1,6 @@
-"""A client that is not root: one HTTP request over pmond's socket from a forked child that dropped to
-another uid (no exec, so no interpreter needs to be reachable by that user)."""
+"""Raw HTTP requests over pmond's socket for tests: as this process (`request`), or as another uid from a
+forked child that dropped to it (`request_as`: no exec, so no interpreter needs to be reachable by that
+user)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,28 @@ import json
 import os
 import socket
 from typing import Any
+
+
+def _exchange(sock_path: str, method: str, path: str, body: Any, timeout: float) -> bytes:
+    """The whole raw answer to one request (Connection: close, so it ends when pmond closes)."""
+    payload = b"" if body is None else json.dumps(body).encode()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(sock_path)
+        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: pmon2\r\nConnection: close\r\n"
+                  f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        return b"".join(iter(lambda: s.recv(65536), b""))
+
+
+def _parse(data: bytes) -> tuple[int, Any]:
+    assert data.startswith(b"HTTP/1.1 "), data[:200]
+    head, _, payload = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(payload) if payload.strip() else None
+
+
+def request(sock_path: str, method: str, path: str, body: Any = None, timeout: float = 60.0) -> tuple[int, Any]:
+    """(HTTP status, JSON body or None) of one request made as this process."""
+    return _parse(_exchange(sock_path, method, path, body, timeout))
 
 
 def request_as(uid: int, sock_path: str, method: str, path: str, body: Any = None,
@@ -20,14 +43,7 @@ def request_as(uid: int, sock_path: str, method: str, path: str, body: Any = Non
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
-            payload = b"" if body is None else json.dumps(body).encode()
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(timeout)
-                s.connect(sock_path)
-                s.sendall(f"{method} {path} HTTP/1.1\r\nHost: pmon2\r\nConnection: close\r\n"
-                          f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
-                while chunk := s.recv(65536):
-                    os.write(w, chunk)
+            os.write(w, _exchange(sock_path, method, path, body, timeout))
         except BaseException as exc:
             os.write(w, f"ERROR {exc!r}".encode())
         finally:
@@ -36,6 +52,4 @@ def request_as(uid: int, sock_path: str, method: str, path: str, body: Any = Non
     with os.fdopen(r, "rb") as fh:
         data = fh.read()
     os.waitpid(pid, 0)
-    assert data.startswith(b"HTTP/1.1 "), data[:200]
-    head, _, payload = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(payload) if payload.strip() else None
+    return _parse(data)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 import textwrap
 import tomllib
@@ -19,22 +18,13 @@ from typing import Any
 
 import pytest
 
+from .peer import request
 from .test_security import NOBODY, _request_as, needs_root
 
 
 def _raw(pmon: Any, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     """One request to pmond over its socket, as this process's user: (status, JSON)."""
-    payload = b"" if body is None else json.dumps(body).encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(30)
-        s.connect(str(pmon.socket))
-        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: pmon2\r\nConnection: close\r\nContent-Length: "
-                  f"{len(payload)}\r\n\r\n".encode() + payload)
-        data = b""
-        while chunk := s.recv(65536):
-            data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(rest) if rest.strip() else None
+    return request(str(pmon.socket), method, path, body, timeout=30)
 
 
 def _require_apply(pmon: Any) -> None:

@@ -5,7 +5,6 @@ that stop only dependents, the dump round trip, and the caller rule."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import socket
@@ -17,6 +16,7 @@ import pytest
 
 from pmon2.daemon.supervisor import Supervisor
 
+from .peer import request
 from .peer import request_as as _request_as
 
 NEEDED = ("request_fields", "groups", "update", "scale", "wait_for")
@@ -30,15 +30,7 @@ NOBODY = 65534
 
 def api(pmon: Any, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     """One request over pmond's socket: (status, JSON)."""
-    payload = b"" if body is None else json.dumps(body).encode()
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.settimeout(120)
-        s.connect(str(pmon.socket))
-        s.sendall(f"{method} {path} HTTP/1.1\r\nHost: pmon2\r\nConnection: close\r\nContent-Length: "
-                  f"{len(payload)}\r\n\r\n".encode() + payload)
-        data = b"".join(iter(lambda: s.recv(65536), b""))
-    head, _, rest = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(rest) if rest.strip() else None
+    return request(str(pmon.socket), method, path, body, timeout=120)
 
 
 def apply(pmon: Any, services: list[dict[str, Any]], source: str = SRC, expect: int = 200,
