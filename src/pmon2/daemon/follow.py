@@ -554,28 +554,28 @@ class Follower:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(directory, str(svc_id)))
 
-    def _restore_window(self, svc: Service, tr: Track) -> Window | None:
-        """The window a killed pmond recorded for this very main process, if it is still open: closed (its
-        polling gone with that pmond; the marker, session, group and executable still find the successor)."""
+    def restore_window(self, svc: Service) -> None:
+        """At the adoption of a running main process: the window a killed pmond recorded for this very
+        process, if it is still open, becomes its window again; closed (its polling gone with that pmond:
+        the marker, session, group and executable still find the successor at the main's exit). Read once
+        here, not at every exit: a crash's restart path does no file I/O for it."""
         directory = self._window_dir()
         if directory is None:
-            return None
+            return
         try:
             with open(os.path.join(directory, str(svc.id)), "rb") as fh:
                 fields = fh.read(256).split()
             main, ticks, boot, deadline, since, timeout = (int(fields[0]), int(fields[1]), fields[2].decode(),
                                                            float(fields[3]), int(fields[4]), float(fields[5]))
         except (OSError, ValueError, IndexError, UnicodeDecodeError):
-            return None
+            return
         left = deadline - time.time()
-        if (main, ticks, boot) != (tr.main, svc.start_ticks, procfs.boot_id()) or left <= 0:
+        if (main, ticks, boot) != (svc.pid, svc.start_ticks, procfs.boot_id()) or left <= 0:
             self._drop_window_record(svc.id)
-            return None
+            return
         loop = asyncio.get_running_loop()
-        win = Window(svc_id=svc.id, main=main, deadline=loop.time() + left, timeout=timeout, since_ticks=since,
-                     result=loop.create_future())
-        tr.window = win
-        return win
+        self.track(svc).window = Window(svc_id=svc.id, main=main, deadline=loop.time() + left, timeout=timeout,
+                                        since_ticks=since, result=loop.create_future())
 
     def result(self, svc: Service) -> dict[str, Any] | None:
         got = self.results.get(svc.id)
@@ -587,7 +587,7 @@ class Follower:
         """Called when the main process `pid` has exited, before anything else: True when a successor was
         handed over to (then the exit is no crash), False when the exit goes on as a crash or a stop."""
         tr = self.track(svc)
-        win = tr.window or self._restore_window(svc, tr)
+        win = tr.window
         if svc.status not in (Status.RUNNING, Status.STARTING) or svc.desired != "running":
             self._end_window(tr, Handover(False, f"process {pid} exited while {svc.name} was stopping", pid))
             return False

@@ -478,6 +478,7 @@ class Supervisor:
                 svc.started_at = procfs.start_wall_time(ticks)
             svc.status = Status.RUNNING
             self._watch(svc, pid, pidfd)
+            self.follow.restore_window(svc)  # a reload window the killed pmond had open for this process
             self._save(svc, "status", "pid", "start_ticks", "boot_id", "started_at")
             self._event(svc, "adopt", f"adopted running process {pid}", pid=pid)
             if svc.desired == "stopped":
