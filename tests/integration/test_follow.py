@@ -383,6 +383,54 @@ def test_a_crash_of_the_followed_nginx_master_restarts_it_and_leaves_no_worker(
     assert not is_alive(again["pid"]) and refused(port)
 
 
+SLOW_SETSID = """\
+import os, sys, time
+if os.fork():
+    os._exit(0)  # the launched process exits at once: the daemonize pattern
+time.sleep(float(sys.argv[1]))  # pmond has taken the handover by now, with the child still in the old group
+os.setsid()
+worker = os.fork()
+if worker == 0:
+    time.sleep(600)
+    os._exit(0)
+with open(sys.argv[2] + ".tmp", "w") as f:
+    f.write(f"{os.getpid()} {worker}")
+os.rename(sys.argv[2] + ".tmp", sys.argv[2])
+time.sleep(600)
+"""
+
+
+def test_a_daemon_that_calls_setsid_after_the_handover_is_stopped_with_its_new_group(pmon: Pmon) -> None:
+    """nginx forks, its parent exits, and only then does the child call setsid: a pmond that reads the
+    child's group in between pinned the old, soon empty group, and its stop reached nobody (CI, stop 16:
+    "process group ... did not die after SIGKILL")."""
+    script = pmon.script("slow_setsid.py", SLOW_SETSID)
+    pids_file = pmon.work / "slow.pids"
+    launched = pmon.json("run", "--json", "--name", "slow", "--kill-timeout", "1", sys.executable, str(script),
+                         "0.5", str(pids_file))["pid"]  # it exits at once
+    text = pmon.wait_for(lambda: pids_file.exists() and pids_file.read_text(), 10, message="the daemon's pids")
+    daemon, worker = (int(p) for p in text.split())
+    pmon.wait_service("slow", lambda s: s["pid"] == daemon and s["status"] == "running", 10,
+                      what=f"the daemon followed ({daemon}, {worker}: {events(pmon, 'slow')})")
+    assert launched != daemon and pgrp(daemon) == daemon and pgrp(worker) == daemon
+    pmon.run("stop", "slow", timeout=30)
+    assert pmon.desc("slow")["status"] == "stopped"
+    for p in (daemon, worker):
+        pmon.wait_dead(p, 5, what=f"process {p} of the daemon's new group")
+    kills = events(pmon, "slow", "kill")
+    assert not kills, f"SIGTERM reached the group, no SIGKILL was needed: {kills}"
+
+    # a crash of such a daemon: its worker, left in the daemon's new group, is killed with it
+    pids_file.unlink()
+    pmon.run("start", "slow")
+    text = pmon.wait_for(lambda: pids_file.exists() and pids_file.read_text(), 10, message="the new daemon's pids")
+    daemon, worker = (int(p) for p in text.split())
+    pmon.wait_service("slow", lambda s: s["pid"] == daemon, 10, what="the new daemon followed")
+    os.kill(daemon, signal.SIGKILL)
+    pmon.wait_dead(worker, 5, what="the worker of the killed daemon")
+    pmon.wait_service("slow", lambda s: s["restarts"] == 1, 10, what="a restart after the crash")
+
+
 # MAINPID= through the service's notify socket (daemon/notify.py): systemd's rule
 
 

@@ -3,7 +3,10 @@ a successor over a fake /proc, the membership rule of MAINPID= and pid files, an
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -189,6 +192,11 @@ def test_a_daemon_that_rewrote_its_environment_is_found_by_its_executable(proc: 
     proc.add(501, 500, 1011, sid=500, pgrp=500, exe=exe)  # a worker
     proc.add(600, 1, 1020, exe=other)  # something else started meanwhile
     proc.add(700, 1, 5000, exe=exe)  # the same program, started after the main had exited
+    # pmond's launcher and the intermediate it forked ahead of the next launch, in pmond's session: a
+    # service run by pmond's own interpreter sees them as orphans running its executable (CI, stop 16)
+    pmond = os.getsid(0)
+    proc.add(90, 1, 10, sid=pmond, pgrp=pmond, exe=exe)
+    proc.add(800, 90, 1005, sid=pmond, pgrp=pmond, exe=exe, env={"PMON2_SERVICE": "inst:7"})
     ident = follow.file_id(str(exe))
     top, found = search(proc, exe=ident, until_ticks=2000)
     assert top == 500 and found == {500}
@@ -213,22 +221,39 @@ def service(pid: int, uid: int = ME, status: Status = Status.RUNNING) -> Any:
     return svc
 
 
-def test_membership_takes_a_descendant_of_the_main_and_refuses_the_rest() -> None:
-    sup = FakeSupervisor()
-    f = Follower(sup)  # type: ignore[arg-type]
-    parent = os.getppid()  # the "service": this test's grandparent as its main, our parent as the candidate
-    stat = procfs.read_stat(parent)
-    assert stat is not None
-    grand = service(stat.ppid)
-    sup.services[1] = grand
-    assert f.membership(grand, parent) is None, "a descendant through the parent links"
-    assert "not a process of the service" in (f.membership(grand, 1) or "")
-    assert "not a process of the service" in (f.membership(grand, os.getpid()) or ""), "pmond itself: never"
-    other_uid = service(stat.ppid, uid=ME + 4242)
-    sup.services[1] = other_uid
-    why = f.membership(other_uid, parent)
-    assert why is not None and f"not as the service's uid {ME + 4242}" in why, why
-    assert "no process" in (f.membership(grand, (1 << 22) - 1) or "")
+def test_membership_takes_a_descendant_of_the_main_and_refuses_the_rest(tmp_path: Path) -> None:
+    """The main process and its child each lead a session of their own (so only the parent links tie
+    them); this test process plays pmond."""
+    child_file = tmp_path / "child"
+    main = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
+                             "p = subprocess.Popen(['sleep', '60'], start_new_session=True); "
+                             f"open({str(child_file)!r}, 'w').write(str(p.pid)); time.sleep(60)"],
+                            start_new_session=True)
+    child = None
+    try:
+        deadline = time.monotonic() + 10
+        while not (child_file.exists() and child_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        child = int(child_file.read_text())
+        sup = FakeSupervisor()
+        f = Follower(sup)  # type: ignore[arg-type]
+        svc = service(main.pid)
+        sup.services[1] = svc
+        assert f.membership(svc, child) is None, "a descendant through the parent links"
+        assert "not a process of the service" in (f.membership(svc, 1) or "")
+        assert "not a process of the service" in (f.membership(svc, os.getpid()) or ""), "pmond itself: never"
+        assert "not a process of the service" in (f.membership(svc, os.getppid()) or ""), "nor its session"
+        other_uid = service(main.pid, uid=ME + 4242)
+        sup.services[1] = other_uid
+        why = f.membership(other_uid, child)
+        assert why is not None and f"not as the service's uid {ME + 4242}" in why, why
+        assert "no process" in (f.membership(svc, (1 << 22) - 1) or "")
+    finally:
+        for pid in (child, main.pid):
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+        main.wait()
 
 
 def test_a_claim_on_a_service_that_does_not_run_is_refused() -> None:

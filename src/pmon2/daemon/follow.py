@@ -195,6 +195,15 @@ def topmost(members: dict[int, procfs.Stat], since_ticks: int | None = None) -> 
     return min(tops, key=lambda st: (st.starttime, st.pid)).pid if tops else None
 
 
+def pmonds_own(st: procfs.Stat) -> bool:
+    """Whether process `st` is in pmond's own session: pmond's launcher and the intermediates it forks
+    ahead of launches. No service process can be (each service is launched in a session of its own, and
+    setsid(2) cannot join an existing session); and a service run by the same interpreter as pmond must
+    never take them for its daemonized successor, which they resemble (same executable and uid, started
+    after the service, parent older than it)."""
+    return st.session == os.getsid(0)
+
+
 @dataclass
 class Kin:
     """What the one rule of "is this process part of the service" compares a process with (`check`): the
@@ -247,7 +256,7 @@ class Kin:
             return st, f"process {pid} runs as uid {owner}, not as the service's uid {self.uid}"
         if pid == self.main:
             return st, None
-        if pid == os.getpid():
+        if pid == os.getpid() or pmonds_own(st):
             return st, f"process {pid} is not a process of the service"
         if pid in self.other_mains():
             return st, f"process {pid} is the main process of service {self.other_mains()[pid]}"
@@ -282,8 +291,9 @@ def find_successor(kin: Kin, *, since_ticks: int, exe: tuple[int, int] | None = 
             continue
         if kin.check(pid, st=st)[1] is None:
             found[pid] = st
-        elif exe is not None and (until_ticks is None or st.starttime <= until_ticks) and pid not in kin.other_mains() \
-                and file_id(f"{kin.proc}/{pid}/exe") == exe and uid_of(pid, kin.proc) == kin.uid:
+        elif exe is not None and (until_ticks is None or st.starttime <= until_ticks) and not pmonds_own(st) \
+                and pid not in kin.other_mains() and file_id(f"{kin.proc}/{pid}/exe") == exe \
+                and uid_of(pid, kin.proc) == kin.uid:
             parent = procfs.read_stat(st.ppid, kin.proc)
             if parent is None or parent.starttime < since_ticks:  # reparented to a reaper: an orphan of the main
                 found[pid] = st
@@ -610,6 +620,7 @@ class Follower:
             self._end_window(tr, Handover(False, f"process {pid} exited and left no successor", pid))
             return False
         tr.known.clear()
+        self._reread_group(tr, pid, pidfd)  # a daemon's setsid after the handover moved it
         # The successor search: the old main's session and group, the children a reload window held (not
         # the descendants found at the last handover: stale by now), never another service's main.
         kin = Kin(uid=svc.uid, marker=self.marker(svc), main=pid, session=tr.session, pgrp=tr.pgrp,
@@ -816,15 +827,33 @@ class Follower:
         """(the process group id, a pidfd to signal it through) of the main process `pid`: its own when it
         leads its group (every launched service does), else its group leader's, pinned at the handover. A
         followed process whose leader could not be pinned gets its own pidfd (signal() then reaches it
-        alone). The pidfd is not the caller's to close."""
+        alone). The pidfd is not the caller's to close.
+
+        The group is read again here, not only at the handover: a daemon forks, its parent exits, and
+        only then does the child call setsid (nginx's ngx_daemon), so the group seen at the handover
+        can be its parent's, soon empty, while the daemon and its workers run in a group of their own."""
         if svc.pid != pid:
             return pid, pidfd
         tr = self.track(svc)
+        self._reread_group(tr, pid, pidfd)
         if tr.pgrp == pid:
             return pid, pidfd
         if tr.leader_fd is not None:
             return tr.pgrp, tr.leader_fd
         return pid, pidfd
+
+    def _reread_group(self, tr: Track, pid: int, pidfd: int) -> None:
+        """Bring the track's session and group up to date with those of its main process `pid` (a zombie's
+        too: its group is where its leftovers are), leader pinned anew. Only while `pidfd` shows `pid`
+        unreaped: the number, then, cannot be another process's."""
+        st = procfs.read_stat(pid)
+        if st is None or (st.pgrp == tr.pgrp and st.session == tr.session) or watch.reaped(pidfd):
+            return
+        tr.session = st.session
+        if st.pgrp != tr.pgrp:
+            if tr.leader_fd is not None:
+                os.close(tr.leader_fd)
+            tr.pgrp, tr.leader_fd = st.pgrp, None if st.pgrp == pid else self._pin_leader(st.pgrp)
 
     def signal(self, svc: Service, sig: int) -> int | None:
         """Send `sig` to the service's main process's group (Follower.group: the group it leads, or the one
