@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEAD_STATES = ("Z", "X", "x")
+from procs import DEAD_STATES, read_stat
+from procs import is_alive as alive
+
 # Statuses in which a stopped service may rest; `stopping` and `backoff` are on their way somewhere.
 AT_REST_STOPPED = ("stopped", "exited", "errored")
 
@@ -106,20 +108,6 @@ def request(sock_path: Path, method: str, path: str, body: Any = None, timeout: 
 
 
 # /proc
-
-
-def read_stat(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    head, _, tail = text.rpartition(")")
-    return [head.partition(" (")[0], head.partition(" (")[2], *tail.split()]
-
-
-def alive(pid: int | None) -> bool:
-    st = read_stat(pid) if pid else None
-    return st is not None and st[2] not in DEAD_STATES
 
 
 def facts(pid: int) -> str:

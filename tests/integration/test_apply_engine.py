@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import sys
 import time
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import pytest
 
 from pmon2.daemon.supervisor import Supervisor
+from procs import free_port
 
 from .peer import request
 from .peer import request_as as _request_as
@@ -164,12 +164,6 @@ def test_a_failed_start_stops_only_its_dependents(up: Any) -> None:
     assert by["independent"]["ok"] and by["needs-independent"]["ok"]
     running = pids(up)
     assert set(running) == {"independent", "needs-independent"} and all(map(up.is_alive, running.values()))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_depends_on_started_ready_and_completed_on_real_processes(up: Any) -> None:

@@ -23,6 +23,8 @@ from typing import Any
 
 import pytest
 
+from procs import children_of, free_port, is_alive, pgrp, ppid, session
+
 Pmon = Any  # tests/conftest.py's helper (the `pmon` fixture)
 
 pytestmark = pytest.mark.timeout(120)
@@ -53,45 +55,11 @@ def graceful(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def stat_fields(pid: int) -> list[str] | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return text[text.rindex(")") + 2:].split()  # field 3 (state) first
-
-
-def is_alive(pid: int | None) -> bool:
-    st = stat_fields(pid) if pid else None
-    return st is not None and st[0] not in ("Z", "X", "x")
-
-
-def pgrp(pid: int) -> int | None:
-    st = stat_fields(pid)
-    return int(st[2]) if st else None
-
-
-def session(pid: int) -> int | None:
-    st = stat_fields(pid)
-    return int(st[3]) if st else None
-
-
-def children_of(pid: int) -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit() and (st := stat_fields(int(p))) is not None
-            and int(st[1]) == pid and st[0] not in ("Z", "X", "x")]
-
-
 def has_marker(pid: int, entry: bytes) -> bool:
     try:
         return entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return False
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(port: int, timeout: float = 2.0) -> str:
@@ -458,7 +426,7 @@ def test_mainpid_of_a_process_outside_the_service_is_refused_and_of_its_child_ac
         assert is_alive(stranger.pid), "the stranger must not be touched"
         new = pmon.wait_service("nt", lambda s: s["pid"] not in (svc["pid"], stranger.pid), 10,
                                 what="the handover to its own child")
-        assert int(stat_fields(new["pid"])[1]) == svc["pid"] and new["restarts"] == 0
+        assert ppid(new["pid"]) == svc["pid"] and new["restarts"] == 0
         assert any(f"pid {svc['pid']} handed over to pid {new['pid']} (MAINPID=)" in e["message"]
                    for e in events(pmon, "nt", "reload"))
         pmon.run("stop", "nt")

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from procs import is_alive
+
 from .peer import request_as
 
 NEWER = ('CREATE TABLE "process" ("id" integer primary key autoincrement,"created_at" datetime,"updated_at" datetime,'
@@ -118,14 +120,6 @@ class GoPmon2:
                 signal.pidfd_send_signal(fd, signal.SIGKILL)
             os.close(fd)
         self.pidfds.clear()
-
-
-def is_alive(pid: int) -> bool:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return text.rpartition(")")[2].split()[0] not in ("Z", "X", "x")
 
 
 @pytest.fixture

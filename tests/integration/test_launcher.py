@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from pmon2.daemon import launcher
+from procs import is_alive
 
 
 def comm(pid: int) -> str | None:
@@ -83,8 +84,11 @@ class Intermediate:
     pmond's part through `status_r` (its report) and `ack_w` (our acknowledgement)."""
 
     def __init__(self, tmp_path: Path, number: int, *, pmond_gone: bool = False, launcher_gone: bool = False):
-        self.want = f"sleep\0{number}\0".encode()
-        req = ("/bin/sleep", ["sleep", str(number)], dict(os.environ), str(tmp_path), str(tmp_path / "out"),
+        # The argument carries this test process's pid: a concurrent run of the suite (CI beside a
+        # developer's run) has sleeps of the same NUMBER, which services() and close() must never touch.
+        arg = f"{number}.{os.getpid()}"
+        self.want = f"sleep\0{arg}\0".encode()
+        req = ("/bin/sleep", ["sleep", arg], dict(os.environ), str(tmp_path), str(tmp_path / "out"),
                str(tmp_path / "err"), None)
         self.status_r, status_w = os.pipe()
         ack_r, self.ack_w = os.pipe()
@@ -131,15 +135,6 @@ class Intermediate:
                 os.close(fd)
         for p in self.services():
             os.kill(p, signal.SIGKILL)
-
-
-def is_alive(pid: int) -> bool:
-    """Running, and not a zombie (init reaps late here)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZXx"
 
 
 def read_cmdline(pid: int) -> bytes:

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from pmon2.daemon import launcher
+from procs import free_port
 
 from .peer import request_as
 
@@ -56,12 +57,6 @@ SERVER = """
             conn.sendall(b"HTTP/1.0 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % len(body) + body)
             conn.close()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ask(address: Any, family: int = socket.AF_INET, timeout: float = 5.0) -> dict[str, Any]:

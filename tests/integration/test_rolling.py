@@ -25,6 +25,7 @@ import pytest
 
 from pmon2.client import Client
 from pmon2.paths import resolve
+from procs import free_port
 
 # A threaded HTTP server that answers its pid. Its socket: fd 3 from pmond (LISTEN_FDS), else its own,
 # bound with SO_REUSEPORT on argv[1]. It boots in BOOT_DELAY s, then says READY=1 when it has a
@@ -78,12 +79,6 @@ notify("READY=1")
 server.serve_forever(poll_interval=0.02)
 server.server_close()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Load:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import time
 from typing import Any
 
 from pmon2.client import Client
 from pmon2.paths import resolve
+from procs import free_port
 
 
 def api(pmon: Any) -> Client:
@@ -21,12 +21,6 @@ def api(pmon: Any) -> Client:
     if not pmon.socket.exists():
         pmon.run("daemon", "start")
     return Client(resolve({"PMON2_HOME": str(pmon.home)}))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_restart_on_failure_restarts_a_failure_not_a_success(pmon: Any) -> None:

@@ -197,9 +197,17 @@ def test_a_daemon_that_rewrote_its_environment_is_found_by_its_executable(proc: 
     pmond = os.getsid(0)
     proc.add(90, 1, 10, sid=pmond, pgrp=pmond, exe=exe)
     proc.add(800, 90, 1005, sid=pmond, pgrp=pmond, exe=exe, env={"PMON2_SERVICE": "inst:7"})
+    # The same interpreter runs many programs: a command a shell started meanwhile (its parent adopts no
+    # orphans), another pmond's service (its marker), neither is the main's orphan (CI, stop 17)
+    proc.add(95, 1, 20, exe=other)
+    proc.add(810, 95, 1030, exe=exe)
+    proc.add(820, 1, 1040, exe=exe, env={"PMON2_SERVICE": "another-pmond:3"})
     ident = follow.file_id(str(exe))
     top, found = search(proc, exe=ident, until_ticks=2000)
     assert top == 500 and found == {500}
+    assert search(proc, exe=ident, until_ticks=2000, reapers=(1, 95))[1] == {500, 810}, "a subreaper's orphan"
+    assert search(proc, exe=ident, until_ticks=2000, exe_since=1015)[1] == set(), \
+        "in a reload window, an orphan from before the signal is no successor"
     assert search(proc)[0] is None, "without the executable to compare, nothing"
 
 

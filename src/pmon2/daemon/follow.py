@@ -204,6 +204,17 @@ def pmonds_own(st: procfs.Stat) -> bool:
     return st.session == os.getsid(0)
 
 
+def carries_marker(pid: int, proc: str = "/proc") -> bool | None:
+    """Whether process `pid`'s environment holds a PMON2_SERVICE marker, of any pmond and any service;
+    None when it cannot be read."""
+    try:
+        with open(f"{proc}/{pid}/environ", "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return None
+    return data.startswith(recovery.MARKER) or b"\0" + recovery.MARKER in data
+
+
 @dataclass
 class Kin:
     """What the one rule of "is this process part of the service" compares a process with (`check`): the
@@ -273,30 +284,34 @@ class Kin:
 
 
 def find_successor(kin: Kin, *, since_ticks: int, exe: tuple[int, int] | None = None,
-                   until_ticks: int | None = None,
+                   until_ticks: int | None = None, exe_since: int | None = None, reapers: Collection[int] = (1,),
                    prefer_since: int | None = None) -> tuple[int | None, dict[int, procfs.Stat]]:
     """(the topmost live descendant of an exited main process, every descendant found), by the rules of the
     module's docstring: the live processes started at or after `since_ticks` (the old main's start) that
     `kin` (the old main's) takes as the service's; and, looser, since the main has exited and its links
-    are gone, when `exe` ((st_dev, st_ino) of the main's executable) is given: a process of the service's
-    uid running that executable, started by `until_ticks` (the main's exit) and reparented away from the
-    main (its parent started before the main did: an orphan of it), for a daemon that rewrote its
-    environment and with it its marker. `prefer_since`: in a reload window, those started after the
-    signal come first (a copy forked at the signal, rather than a helper the old main had all along).
-    Reads /proc once: a stat per process, more only for the few started since."""
+    are gone, when `exe` ((st_dev, st_ino) of the main's executable) is given, an orphan of the main: a
+    process of the service's uid running that executable, started between `exe_since` (default
+    `since_ticks`; a reload window gives its signal's time) and `until_ticks` (the main's exit), whose
+    parent is one of `reapers` (the pids that adopt the main's orphans: init, a subreaper), that carries
+    no PMON2_SERVICE marker at all (ours would have let `kin` take it; another service's or another
+    pmond's makes it theirs) and is not in pmond's own session. That is for a daemon that rewrote its
+    environment and with it its marker (nginx); the same interpreter runs many other programs (every
+    Python service, every pmon2 command), hence each condition. `prefer_since`: in a reload window,
+    those started after the signal come first (a copy forked at the signal, rather than a helper the old
+    main had all along). Reads /proc once: a stat per process, more only for the few started since."""
     found: dict[int, procfs.Stat] = {}
+    exe_since = since_ticks if exe_since is None else max(exe_since, since_ticks)
     for pid in procfs.pids(kin.proc):
         st = procfs.read_stat(pid, kin.proc)
         if st is None or not st.alive or st.starttime < since_ticks:
             continue
-        if kin.check(pid, st=st)[1] is None:
+        orphan = exe is not None and st.starttime >= exe_since \
+            and (until_ticks is None or st.starttime <= until_ticks) and st.ppid in reapers
+        if kin.check(pid, st=st)[1] is None or (
+                orphan and not pmonds_own(st) and pid not in kin.other_mains()
+                and file_id(f"{kin.proc}/{pid}/exe") == exe and uid_of(pid, kin.proc) == kin.uid
+                and carries_marker(pid, kin.proc) is False):
             found[pid] = st
-        elif exe is not None and (until_ticks is None or st.starttime <= until_ticks) and not pmonds_own(st) \
-                and pid not in kin.other_mains() and file_id(f"{kin.proc}/{pid}/exe") == exe \
-                and uid_of(pid, kin.proc) == kin.uid:
-            parent = procfs.read_stat(st.ppid, kin.proc)
-            if parent is None or parent.starttime < since_ticks:  # reparented to a reaper: an orphan of the main
-                found[pid] = st
     top = topmost(found, prefer_since) if prefer_since is not None else None
     return (top if top is not None else topmost(found)), found
 
@@ -625,9 +640,14 @@ class Follower:
         # the descendants found at the last handover: stale by now), never another service's main.
         kin = Kin(uid=svc.uid, marker=self.marker(svc), main=pid, session=tr.session, pgrp=tr.pgrp,
                   known=set(win.held) if win is not None else set(), others=self._other_mains(svc))
+        # Who adopts the main's orphans: init, pmond's own reaper (a subreaper such as systemd --user
+        # adopts pmond's services too), and the main's parent when its zombie still says.
+        gone = procfs.read_stat(pid)
+        reapers = {1, os.getppid()} | ({gone.ppid} if gone is not None and not watch.reaped(pidfd) else set())
+        since = win.since_ticks if in_window and win is not None else None
         top, found = find_successor(kin, since_ticks=self._start_ticks(svc), exe=file_id(spec["exe"]),
-                                    until_ticks=boot_ticks() + 1,
-                                    prefer_since=win.since_ticks if in_window and win is not None else None)
+                                    until_ticks=boot_ticks() + 1, exe_since=since, reapers=reapers,
+                                    prefer_since=since)
         tr.known = set(found)
         refused, tried = False, set()
         if reread:
