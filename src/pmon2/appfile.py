@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -25,6 +26,13 @@ PER_INSTANCE = ("instance", "port")  # ${instance} and ${port}: pmond's, per ins
 # What the CLI resolves itself, before the fields go through spec as the API's.
 RESOLVED_HERE = ("command", "env_file", "inherit_env", "env", "cwd")
 YAML_BOOL_HINT = " (YAML reads a bare yes, no, on or off as a boolean: quote it)"
+# Bounds on what a file may make the CLI do (pmond takes requests of at most 4 MiB anyway): the bytes of an
+# app file or env file; the levels of nesting (the docs' deepest is 4: services.web.env.KEY); the values of a
+# file with its YAML aliases expanded.
+MAX_FILE_SIZE = 16 << 20
+MAX_DEPTH = 64
+MAX_VALUES = 1_000_000
+_END = object()
 
 Path = tuple[Any, ...]
 
@@ -183,8 +191,14 @@ def _parse_yaml(text: str, name: str) -> tuple[Any, Lines]:
     loader = yaml.SafeLoader(text)
     problems: list[Problem] = []
     lines: dict[Path, int] = {}
+    walked: set[int] = set()
 
     def walk(node: Any, path: Path) -> None:
+        # Each node once: an aliased one (*base) at its anchor, so that aliases cost nothing here (its
+        # other places take the line of the key that holds the alias), and an alias inside itself ends.
+        if id(node) in walked:
+            return
+        walked.add(id(node))
         if isinstance(node, yaml.MappingNode):
             seen: set[Any] = set()
             for key, value in node.value:
@@ -245,17 +259,112 @@ def parse(path: str, name: str | None = None) -> tuple[Any, Lines, str]:
     if fmt is None:
         raise AppFileError([Problem(name, None, (), "unknown format: name the file *.toml, *.yaml, *.yml or "
                                                     "*.json")])
+    text = read_text(path, name).removeprefix("\ufeff")
+    parser = {"toml": _parse_toml, "yaml": _parse_yaml, "json": _parse_json}[fmt]
     try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except UnicodeDecodeError as exc:
-        raise AppFileError([Problem(name, None, (), f"not UTF-8 text: {exc.reason}")]) from None
+        data, lines = parser(text, name)
+    except RecursionError:  # every parser recurses per level of nesting
+        raise AppFileError([Problem(name, None, (), f"nested too deeply: at most {MAX_DEPTH} levels")]) from None
+    problem = _shape_problem(data, fmt)
+    if problem:
+        raise AppFileError([Problem(name, None, (), problem)])
+    return data, lines, fmt
+
+
+def read_text(path: str, name: str | None = None) -> str:
+    """The text of an app file or env file, read with the caller's rights (symbolic links followed):
+    opened without blocking, so that a FIFO never hangs the CLI; refused unless a regular file (a device
+    such as /dev/zero has no end) or when over MAX_FILE_SIZE bytes; newlines read as open() reads them.
+    Raises AppFileError naming the file."""
+    import io
+    import stat
+
+    name = name or path
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise AppFileError([Problem(name, None, (), f"cannot read it: {exc.strerror}")]) from None
-    text = text.removeprefix("\ufeff")
-    parser = {"toml": _parse_toml, "yaml": _parse_yaml, "json": _parse_json}[fmt]
-    data, lines = parser(text, name)
-    return data, lines, fmt
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a FIFO", stat.S_ISCHR: "a character device",
+                     stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket"}
+            kind = next((k for test, k in kinds.items() if test(st.st_mode)), "a special file")
+            raise AppFileError([Problem(name, None, (), f"not a regular file: {kind}")])
+        chunks: list[bytes] = []
+        size = st.st_size if st.st_size > MAX_FILE_SIZE else 0  # too large already: nothing to read
+        while size <= MAX_FILE_SIZE and (chunk := os.read(fd, min(1 << 20, MAX_FILE_SIZE + 1 - size))):
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise AppFileError([Problem(name, None, (), f"cannot read it: {exc.strerror}")]) from None
+    finally:
+        os.close(fd)
+    if size > MAX_FILE_SIZE:
+        raise AppFileError([Problem(name, None, (), f"larger than {MAX_FILE_SIZE >> 20} MiB: not an app file or "
+                                                    "env file")])
+    try:
+        return io.TextIOWrapper(io.BytesIO(b"".join(chunks)), encoding="utf-8").read()
+    except UnicodeDecodeError as exc:
+        raise AppFileError([Problem(name, None, (), f"not UTF-8 text: {exc.reason}")]) from None
+
+
+def _shape_problem(data: Any, fmt: str) -> str | None:
+    """What makes parsed data unfit to go on, or None: nesting deeper than MAX_DEPTH (the checks that
+    follow recurse), and in YAML, more than MAX_VALUES values once aliases are expanded (a few hundred
+    bytes of nested aliases are billions of values: "billion laughs") or an alias inside its own node.
+    Without recursion; in YAML each list and table is measured once, however often it is aliased (PyYAML
+    builds an aliased node once and shares it)."""
+    if fmt != "yaml":  # a tree, as large as its file: only its depth, level by level (4 times faster)
+        level, depth = [data], 0
+        while level:
+            depth += 1
+            if depth > MAX_DEPTH:
+                return f"nested too deeply: at most {MAX_DEPTH} levels"
+            below: list[Any] = []
+            for node in level:
+                if type(node) is dict or type(node) is list:
+                    below += [v for v in (node.values() if type(node) is dict else node)
+                              if type(v) is dict or type(v) is list]
+            level = below
+        return None
+    if not isinstance(data, dict | list):
+        return None
+    measured: dict[int, tuple[int, int]] = {}  # id -> (its values, aliases expanded; its levels of nesting)
+    open_ids = {id(data)}
+    # per list or table being measured: (it, its items left, [values so far, levels below it so far])
+    stack: list[tuple[Any, Any, list[int]]] = [(data, iter(data.values() if isinstance(data, dict) else data),
+                                               [1, 0])]
+    while stack:
+        node, items, acc = stack[-1]
+        child = next(items, _END)
+        if child is _END:
+            stack.pop()
+            open_ids.discard(id(node))
+            measured[id(node)] = (acc[0], acc[1] + 1)
+            if acc[0] > MAX_VALUES:
+                expanded = " once its aliases are expanded" if fmt == "yaml" else ""
+                return f"too large: more than {MAX_VALUES:,} values{expanded}"
+            if not stack:
+                break
+            child = node
+            node, items, acc = stack[-1]
+        if not isinstance(child, dict | list):
+            acc[0] += 1
+        elif id(child) in measured:
+            values, levels = measured[id(child)]
+            acc[0] += values
+            acc[1] = max(acc[1], levels)
+            if len(stack) + levels > MAX_DEPTH:
+                return f"nested too deeply: at most {MAX_DEPTH} levels"
+        elif id(child) in open_ids:
+            return "an alias refers to a node that holds it (a cycle)"
+        else:
+            open_ids.add(id(child))
+            stack.append((child, iter(child.values() if isinstance(child, dict) else child), [1, 0]))
+            if len(stack) > MAX_DEPTH:
+                return f"nested too deeply: at most {MAX_DEPTH} levels"
+    return None
 
 
 # variables
@@ -321,13 +430,9 @@ def read_env_file(path: str, environ: Mapping[str, str], name: str | None = None
     except ImportError:
         raise AppFileError([Problem(name, None, (), "env files need python-dotenv: pip install python-dotenv")]
                            ) from None
-    try:
-        with open(path, encoding="utf-8") as fh:
-            bindings = list(parse_stream(fh))
-    except UnicodeDecodeError as exc:
-        raise AppFileError([Problem(name, None, (), f"not UTF-8 text: {exc.reason}")]) from None
-    except OSError as exc:
-        raise AppFileError([Problem(name, None, (), f"cannot read it: {exc.strerror}")]) from None
+    import io
+
+    bindings = list(parse_stream(io.StringIO(read_text(path, name))))
     values: dict[str, str] = {}
     problems: list[Problem] = []
     for b in bindings:
@@ -490,7 +595,8 @@ def _services(r: _Reader, data: Any) -> list[dict[str, Any]]:
         if svc is not None:
             out.append(svc)
         needs = items.get("depends_on", ({}, ()))[0]
-        graph[name] = [str(k) for k in needs] if isinstance(needs, dict) else []
+        # NFC, as names are (spec.check_name), so that a name written decomposed is the same service
+        graph[name] = [unicodedata.normalize("NFC", str(k)) for k in needs] if isinstance(needs, dict) else []
     _check_dependencies(r, graph)
     return out
 
@@ -652,6 +758,8 @@ def render_plan(answer: dict[str, Any], sent: list[dict[str, Any]], dry_run: boo
             if item.get("restart"):
                 line += " (restart)"
                 restarts += 1
+            elif item.get("start"):  # autostart turned on for a group that does not run
+                line += " (start)"
         if not item.get("ok", True):
             error = item.get("error") or {}
             line += ": failed"
@@ -693,18 +801,36 @@ MASKED_HEADER = """\
 
 def dump_services(services: list[dict[str, Any]]) -> dict[str, Any]:
     """Service objects (the API's field names, one per service, instances folded) -> an app file's data:
-    `command` for argv, fields at their defaults left out (never cwd: the default would be the file's
-    directory), fields pmond shows but a file does not hold ignored."""
+    `command` for argv; fields at their defaults left out, but `cwd` (its default would be the file's
+    directory) and `instances` where pmond gives it, which it does for a group only (a group of one is
+    NAME:0, not NAME); fields pmond shows but a file does not hold ignored. A `$` is written `$$`, as the
+    file's reader expands `${VAR}` (escape_dollars)."""
     table: dict[str, dict[str, Any]] = {}
     for svc in services:
-        entry: dict[str, Any] = {"command": list(svc["argv"])}
+        entry: dict[str, Any] = {"command": escape_dollars(list(svc["argv"]), per_instance=True)}
         for f in spec.app_file_fields():
             value = svc.get(f.name)
-            if f.name in spec.FILE or value is None or (f.name != "cwd" and value == f.default):
+            if f.name in spec.FILE or value is None or (f.name not in ("cwd", "instances") and value == f.default):
                 continue
-            entry[f.name] = value
+            entry[f.name] = escape_dollars(value, per_instance=f.name == "env")
         table[svc["name"]] = entry
     return {"defaults": {"inherit_env": False}, "services": table}
+
+
+_DOLLAR_BUT_PER_INSTANCE = re.compile(r"\$(?!\{(?:" + "|".join(PER_INSTANCE) + r")\})")  # not ${instance}, ${port}
+
+
+def escape_dollars(value: Any, per_instance: bool = False) -> Any:
+    """A stored value as an app file writes it, so that reading it back (expand) gives it unchanged: each
+    `$` in its strings (not in table keys, which are never expanded) doubled, but, where `per_instance`
+    (command and env), pmond's own `${instance}` and `${port}`, which the reader leaves as they are."""
+    if isinstance(value, str):
+        return _DOLLAR_BUT_PER_INSTANCE.sub("$$", value) if per_instance else value.replace("$", "$$")
+    if isinstance(value, list):
+        return [escape_dollars(v, per_instance) for v in value]
+    if isinstance(value, dict):
+        return {k: escape_dollars(v, per_instance) for k, v in value.items()}
+    return value
 
 
 def toml_value(value: Any) -> str:
@@ -943,6 +1069,9 @@ for a default, $$ for a literal $)
 
   TOML and YAML problems carry the line of their key; JSON ones carry a line only for a syntax error.
   YAML reads a bare `no`, `yes`, `on` or `off` as a boolean: write `restart: "no"`.
+- **Limits.** The file and each `env_file` must be regular files (a symbolic link to one is fine) of at
+  most 16 MiB: a device or a FIFO is refused, never read. A file nested more than 64 levels deep is
+  refused, and so is a YAML file whose aliases expand it to more than 1,000,000 values (an alias bomb).
 
 ## What `apply` does
 
@@ -973,9 +1102,12 @@ applied: 1 created, 1 changed (1 restart), 1 unchanged, 1 removed
 
 `pmon2 dump > pmon2.toml` writes today's services as an app file, leaving out the fields at their
 defaults, with each service's `source` and complete `env` (so `[defaults] inherit_env = false`). `apply`
-of it on a fresh pmond gives the same services, field for field. Its values are in clear, so only a
-caller who may see them gets it: root, or the services' own user, as with `desc --show-env`. Anyone else
-needs `pmon2 dump --masked`, which writes secret-looking values as `***`.
+of it on a fresh pmond gives the same services, field for field: every `$` of a value is written `$$`
+(but `${instance}` and `${port}` in `command` and `env`, which stay pmond's), so nothing is expanded
+again, and a group scaled down to one instance (`web:0`) is written with `instances = 1`, which makes
+`web:0` again (an `instances` given, even 1, makes a group; left out, one service `web`). Its values are
+in clear, so only a caller who may see them gets it: root, or the services' own user, as with
+`desc --show-env`. Anyone else needs `pmon2 dump --masked`, which writes secret-looking values as `***`.
 
 ## Editor completion
 

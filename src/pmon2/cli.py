@@ -38,7 +38,9 @@ EXAMPLES = {
                   "  pmon2 completion zsh > \"${fpath[1]}/_pmon2\"\n"
                   "  pmon2 completion fish > ~/.config/fish/completions/pmon2.fish",
     "version": "pmon2 version",
-    "events": "pmon2 events api -n 20\n  pmon2 events --json",
+    "events": "pmon2 events api -n 20\n  pmon2 events --json\n"
+              "  pmon2 events -f          # then each new event as it happens, like journalctl -f (Ctrl-C ends)\n"
+              "  pmon2 events -f api --json   # one JSON object per line",
     "why": "pmon2 why api",
     "daemon": "pmon2 daemon status --json\n"
               "  pmon2 daemon recover   # rebuild a lost database from the running services",
@@ -424,6 +426,8 @@ def _events(client: Any, ref: str | None, limit: int) -> list[dict[str, Any]]:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
+    if args.follow:
+        return _follow_events(args)
     events = _events(_client(), args.service, args.lines)
     if args.json:
         _print_json(events)
@@ -432,6 +436,46 @@ def cmd_events(args: argparse.Namespace) -> int:
 
     _say(render_events(events, _color()))
     return 0
+
+
+def _follow_events(args: argparse.Namespace) -> int:
+    """`events -f`: the last -n events, then each new one as pmond publishes it (GET /v1/events?follow=true,
+    one connection), until Ctrl-C or a closed pipe, which end it quietly with 0."""
+    if args.lines <= 0:
+        raise UsageError("-n must be 1 or more")
+    client = _client()
+    path = client.service_path(args.service, "events") if args.service else "/v1/events"
+    color = _color()
+    widths: dict[str, int] = {}  # columns only grow from batch to batch (render_events)
+    try:
+        for batch in client.stream("GET", f"{path}?limit={args.lines}&follow=true"):
+            for item in batch:
+                if "kind" not in item and isinstance(item.get("error"), dict):  # the ledger could not be read
+                    raise PmonError(item["error"].get("message") or "pmond could not read the ledger")
+            events = [item for item in batch if "kind" in item]
+            if not events:
+                continue
+            if args.json:
+                sys.stdout.write("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in events))
+            else:
+                from pmon2.render.why import render_events
+
+                sys.stdout.write(render_events(events, color, widths) + "\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+    except BrokenPipeError:
+        _quiet_stdout()
+    return 0
+
+
+def _quiet_stdout() -> None:
+    """The reader of our stdout went away (`| head`): send what is left nowhere, so the interpreter's last
+    flush does not complain."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def cmd_why(args: argparse.Namespace) -> int:
@@ -1068,8 +1112,11 @@ def build_parser(only: str | None = None) -> Parser:
         sub.add_parser("_names").set_defaults(func=cmd_complete_names)
     p = command("events", cmd_events, "show the ledger: starts, exits, restarts, stops, adoptions")
     p.add_argument("service", nargs="?", help="id or name (default: all services)")
-    p.add_argument("-n", "--lines", type=int, default=30, help="how many of the newest events (default 30)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("-n", "--lines", type=int, default=30,
+                   help="how many of the newest events (default 30; with -f, shown first)")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="then print each new event as it happens, until Ctrl-C (like journalctl -f)")
+    p.add_argument("--json", action="store_true", help="JSON: an array; with -f, one object per line")
     p = command("why", cmd_why, "explain why a service is not running or keeps restarting")
     p.add_argument("service", help="id or name")
     p = command("version", cmd_version, "print the versions of pmon2 and the running pmond")

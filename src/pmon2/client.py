@@ -77,9 +77,17 @@ class Client:
         chunks = []
         try:
             sock.settimeout(timeout)
-            sock.sendall(head + payload)
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
+            try:
+                sock.sendall(head + payload)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                # pmond may answer from the head alone and close (413: the body is over its limit): its
+                # answer waits in our socket. Without one, the connection was lost.
+                chunks = _drain(sock)
+                if not chunks:
+                    raise DaemonUnreachable(f"lost the connection to pmond: {exc.strerror}") from None
+            else:
+                while chunk := sock.recv(65536):
+                    chunks.append(chunk)
         except TimeoutError:
             raise DaemonUnreachable(f"pmond did not answer within {timeout:g} s") from None
         except OSError as exc:
@@ -94,7 +102,10 @@ class Client:
         status, data = parse_response(b"".join(chunks))
         if status >= 400:
             err = data.get("error", {}) if isinstance(data, dict) else {}
-            raise ApiError(status, err.get("code", "error"), err.get("message", f"pmond answered {status}"))
+            message = err.get("message", f"pmond answered {status}")
+            if status == 413 and payload:
+                message += f" (this one: {len(payload)} bytes)"
+            raise ApiError(status, err.get("code", "error"), message)
         return data
 
     def _reach(self, connect_timeout: float, autostart: bool) -> _socket.socket:
@@ -255,6 +266,17 @@ class _Reader:
         data = bytes(self.buf[:size])
         del self.buf[:size + 2]
         return data
+
+
+def _drain(sock: _socket.socket) -> list[bytes]:
+    """What the peer sent before it closed, once sending to it failed; [] if nothing could be read."""
+    chunks = []
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except OSError:  # ECONNRESET once the queue is empty: the answer, if any, is in chunks
+        pass
+    return chunks
 
 
 def quote(text: str) -> str:

@@ -324,8 +324,7 @@ def _depends_on(value: Any) -> dict[str, str]:
         raise ValueError(f"must be an object of service names to conditions, not {_type_name(value)}")
     out = {}
     for name, condition in value.items():
-        check_name(name)
-        out[name] = _choice(DEPENDENCY_CONDITIONS)(condition)
+        out[check_name(name)] = _choice(DEPENDENCY_CONDITIONS)(condition)  # NFC, as the names it refers to
     return out
 
 
@@ -778,6 +777,11 @@ FORCE = Field("force", {"type": "boolean"}, lambda v: _bool_text(v), "SIGKILL at
               default=False)
 SHOW_ENV = Field("show_env", {"type": "boolean"}, lambda v: _bool_text(v),
                  "Show environment values in clear (root and the service's own user only).", default=False)
+# GET /v1/events and /v1/services/{ref}/events
+EVENTS_FOLLOW = Field("follow", {"type": "boolean"}, lambda v: _bool_text(v),
+                      "Keep the response open: the last `limit` events, then each new one as it happens "
+                      "(NDJSON, chunked).", default=False)
+EVENTS_QUERY = (LIMIT, EVENTS_FOLLOW)
 
 MAX_LOG_LINES = 100_000
 MAX_LOG_REFS = 1000

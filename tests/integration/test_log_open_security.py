@@ -193,18 +193,22 @@ def test_a_restart_after_a_planted_fifo_is_refused_and_retried(pmon, pub):
 
 
 @needs_root
-def test_logs_in_pmonds_dir_belong_to_the_service_user_and_old_root_owned_ones_are_reowned(pmon, pub, nobody):
+def test_logs_in_pmonds_dir_belong_to_the_service_user_and_root_owned_ones_are_set_aside(pmon, pub, nobody):
+    """A root-owned log of the same name (a deleted root service's, or an older version's) is never given
+    to nobody: root's output stays root's, set aside as NAME.uid-0."""
     sleeper(pmon, pub)
     pmon.run("daemon", "start")  # pmond makes its log dir as it wants it (root, 0700 here)
     old = pmon.log_dir / "owned-out.log"
-    old.write_bytes(b"from an older version\n")  # root-owned, as earlier versions left them
+    old.write_bytes(b"root's output\n")
     old.chmod(0o640)
     assert os.stat(old).st_uid == 0
     svc = pmon.start_service("./sleeper", "--user", "nobody", "--name", "owned", cwd=pub)
     assert pmon.uid_of(svc["pid"]) == nobody.pw_uid
     new = pmon.log_dir / "owned-err.log"
     pmon.wait_for(lambda: new.exists() and new.read_bytes() == b"up-err\n", message="the err log written")
-    pmon.wait_for(lambda: old.read_bytes() == b"from an older version\nup\n", message="appended to the old log")
+    pmon.wait_for(lambda: old.exists() and old.read_bytes() == b"up\n", message="a new out log, nobody's")
+    aside = pmon.log_dir / "owned-out.log.uid-0"
+    assert aside.read_bytes() == b"root's output\n" and os.stat(aside).st_uid == 0
     for path in (old, new):
         st = os.stat(path)
         assert (st.st_uid, st.st_gid) == (nobody.pw_uid, nobody.pw_gid), path

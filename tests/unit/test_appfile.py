@@ -450,9 +450,10 @@ def test_render_plan_failures() -> None:
 
 
 def dumped_service(**fields: Any) -> dict[str, Any]:
+    # A service of GET /v1/dump: `instances` only for a group (pmond's request_fields), even of one.
     base = {"id": 3, "name": "api", "pid": 1234, "status": "running", "argv": ["./bin/api", "--port", "8080"],
             "cwd": "/srv/api", "env": {"A": "1"}, "user": "root", "restart": "always", "autorestart": True,
-            "kill_timeout": 5.0, "stop_signal": "SIGTERM", "reload_signal": "SIGUSR2", "instances": 1, "tags": [],
+            "kill_timeout": 5.0, "stop_signal": "SIGTERM", "reload_signal": "SIGUSR2", "tags": [],
             "depends_on": {}, "success_exit_codes": [0], "source": "/srv/pmon2.toml", "log": None,
             "instance_of": None, "out_log": "/var/log/pmon2/api-out.log"}
     return base | fields

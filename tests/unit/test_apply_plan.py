@@ -37,7 +37,7 @@ def rows(p: apply.Plan) -> list[tuple[str, str, list[str], bool]]:
 
 def test_a_fresh_pmond_creates_everything_in_dependency_order() -> None:
     p = plan([svc("web", depends_on={"db": "ready", "migrate": "completed"}),
-              svc("migrate", depends_on={"db": "started"}), svc("db"), svc("cache")], {}, SRC)
+              svc("migrate", depends_on={"db": "started"}, restart="no"), svc("db"), svc("cache")], {}, SRC)
     assert p.valid
     assert [(s.name, s.action) for s in p.steps] == [("db", "create"), ("migrate", "create"), ("web", "create"),
                                                       ("cache", "create")]
@@ -114,7 +114,7 @@ def test_prune_removes_only_this_files_services_dependents_first() -> None:
 
 
 def test_duplicates_unknown_dependencies_and_cycles_are_all_named() -> None:
-    p = plan([svc("a", depends_on={"b": "started"}), svc("b", depends_on={"c": "ready"}),
+    p = plan([svc("a", depends_on={"b": "started"}, restart="on-failure"), svc("b", depends_on={"c": "ready"}),
               svc("c", depends_on={"a": "completed"}), svc("self", depends_on={"self": "started"}),
               svc("web", depends_on={"dbb": "ready"}), svc("db"), svc("DB")], {}, SRC,
              problems=["services.x.kill_timeout: must be between 0 and 86400 seconds"])
@@ -262,7 +262,8 @@ def run_apply(sup: FakeSupervisor, file: list[dict[str, Any]], *, prune: bool = 
 def test_dependents_start_after_their_conditions_and_the_rest_at_once() -> None:
     sup = FakeSupervisor(slow={"db": 0.05})
     out = run_apply(sup, [svc("web", depends_on={"db": "ready", "migrate": "completed"}),
-                          svc("migrate", depends_on={"db": "started"}), svc("db", ready="tcp://127.0.0.1:5432"),
+                          svc("migrate", depends_on={"db": "started"}, restart="no"),
+                          svc("db", ready="tcp://127.0.0.1:5432"),
                           svc("cache")])
     assert out["summary"] == {"create": 4, "change": 0, "unchanged": 0, "remove": 0, "failed": 0}
     log = sup.log
@@ -333,3 +334,124 @@ def test_the_diff_looks_only_at_given_fields_and_agrees_with_a_full_comparison()
         expected = {k: a[k] for k in apply.COMPARED if a[k] != b[k]}
         assert apply.differing(base | new, base | old) == expected, (new, old)
         assert list(apply.differing(base | new, base | old)) == [k for k in apply.COMPARED if k in expected]
+
+
+# REVIEW12: what runs, whose service it is, "completed" that cannot hold, autostart turned on
+
+
+def test_a_change_stored_but_not_yet_run_is_planned_again_with_a_restart() -> None:
+    """A rolling restart that stopped leaves the new spec stored and old processes running (their ids in
+    Current.pending): the same file again is a change of those fields, not "unchanged"."""
+    current = {"web": Current({"source": SRC} | svc("web", env={"V": "2"}), True, [], pending={7: ["env"]})}
+    (step,) = plan([svc("web", env={"V": "2"})], current, SRC).steps
+    assert (step.action, step.fields, step.restart, step.changes, step.pending) == ("change", ["env"], True, {},
+                                                                                   ["env"])
+    assert step.row()["pending"] == ["env"]
+    # with another change: each field once, in the spec's order
+    (step,) = plan([svc("web", env={"V": "2"}, kill_timeout=3.0)], current, SRC).steps
+    assert (step.fields, step.restart, step.changes) == (["env", "kill_timeout"], True, {"kill_timeout": 3.0})
+    (step,) = plan([svc("web", env={"V": "2"})], {"web": cur("web", env={"V": "2"})}, SRC).steps
+    assert step.action == "unchanged" and "pending" not in step.row()
+
+
+def test_apply_never_takes_a_service_from_its_user() -> None:
+    nobody = 65534
+    theirs = {"api": Current({"user": "nobody"} | svc("api"), uid=nobody)}
+    p = plan([svc("api", "sleep", "1")], theirs, SRC, caller_uid=0)  # root's file: runs as root
+    assert not p.valid and len(p.conflicts) == 1 and not p.steps
+    assert p.conflicts[0].startswith("services.api: service 'api' runs as nobody, and this file would run it as ")
+    assert 'set user = "nobody" in services.api, or delete it first (pmon2 del api)' in p.conflicts[0]
+    p = plan([svc("api", "sleep", "1", user="nobody")], theirs, SRC, caller_uid=0)  # the same user: root may
+    assert p.valid and [(s.action, s.fields) for s in p.steps] == [("change", ["argv", "source"])]
+    mine = {"api": Current(svc("api"), uid=0)}  # root's own service: root may give it to another user
+    assert plan([svc("api", user="nobody")], mine, SRC, caller_uid=0).valid
+    assert plan([svc("api")], theirs, SRC, caller_uid=nobody).valid  # its own user (the user set by _as_caller)
+
+
+@pytest.mark.parametrize(("restart", "ok"), [({}, False), ({"restart": "always"}, False), ({"restart": "no"}, True),
+                                             ({"restart": "on-failure"}, True), ({"autorestart": False}, True)])
+def test_completed_on_a_service_that_restarts_always_is_refused(restart: dict[str, Any], ok: bool) -> None:
+    p = plan([svc("migrate", **restart), svc("app", depends_on={"migrate": "completed"})], {}, SRC)
+    assert p.valid is ok
+    if not ok:
+        assert p.problems == ['services.app.depends_on: \'migrate\' = "completed" waits until migrate exits '
+                              'successfully, but migrate restarts whenever it exits (restart = "always", the '
+                              'default): set restart = "no" or "on-failure" in services.migrate']
+
+
+def test_autostart_turned_on_starts_a_group_that_does_not_run() -> None:
+    stopped = {"job": cur("job", autostart=False, running=False)}
+    (step,) = plan([svc("job")], stopped, SRC).steps  # autostart back to its default, true
+    assert (step.action, step.fields, step.restart, step.start) == ("change", ["autostart"], False, True)
+    assert step.row()["start"] is True
+    (step,) = plan([svc("job", autostart=True)], {"job": cur("job", autostart=False)}, SRC).steps  # runs already
+    assert step.start is False and "start" not in step.row()
+    (step,) = plan([svc("job", autostart=False)], {"job": cur("job", running=False)}, SRC).steps  # turned off
+    assert step.start is False
+
+
+class StartingSupervisor(FakeSupervisor):
+    async def start(self, ref: str) -> FakeService:
+        s = next(s for s in self.services.values() if str(s.id) == ref)
+        s.desired = "running"
+        self.log.append(("start", s.name))
+        return s
+
+
+def test_execution_starts_a_group_whose_autostart_was_turned_on_after_its_dependencies() -> None:
+    sup = StartingSupervisor(slow={"db": 0.02})
+    run_apply(sup, [svc("db"), svc("job", autostart=False, depends_on={"db": "ready"})])
+    assert sup.services["job"].desired == "stopped"
+    sup.log.clear()
+    out = run_apply(sup, [svc("db"), svc("job", depends_on={"db": "ready"})])
+    assert [(r["name"], r["action"], r.get("start")) for r in out["plan"]] == [
+        ("db", "unchanged", None), ("job", "change", True)]
+    assert sup.log.index(("ready", "db")) < sup.log.index(("start", "job"))
+    assert sup.services["job"].desired == "running" and out["summary"]["failed"] == 0
+
+
+def test_execution_restarts_the_members_a_change_left_pending() -> None:
+    sup = FakeSupervisor()
+    run_apply(sup, [svc("web", env={"V": "2"}), svc("db")])
+    sup.log.clear()
+
+    async def go() -> dict[str, Any]:
+        web, db = sup.services["web"], sup.services["db"]
+        current = {"web": Current(web.fields, True, [web], pending={web.id: ["env"]}),
+                   "db": Current(db.fields, True, [db])}
+        p = plan([svc("web", env={"V": "2"}), svc("db")], current, SRC)
+        await apply._Run(sup, p.steps).execute()
+        return apply.answer(p.steps, False)
+
+    out = asyncio.run(go())
+    assert [(r["name"], r["action"], r["restart"]) for r in out["plan"]] == [("web", "change", True),
+                                                                             ("db", "unchanged", False)]
+    assert sup.log == [("restart", "web")]  # nothing stored again: only the restart
+
+
+# the supervisor's side: the mark of a change that waits for a restart (pure)
+
+
+def test_a_change_waits_for_a_restart_of_the_process_that_runs_until_a_new_one_starts() -> None:
+    from pmon2.daemon.supervisor import Service, pending_mark, restart_pending
+
+    def spec_of(version: str, kill: float = 5.0) -> dict[str, Any]:
+        return {"exe": "/bin/sleep", "argv": ["sleep", "1"], "cwd": "/", "env": {"V": version}, "user": None,
+                "out_log": "/l/o", "err_log": "/l/e", "kill_timeout": kill}
+
+    s = Service(id=1, name="web:0", spec=spec_of("1"), uid=0, pid=100, start_ticks=5, pidfd=3)
+    assert restart_pending(s) == []
+    v2 = spec_of("2")
+    v2["pending_restart"] = pending_mark(s, v2, ["env"])
+    s.spec = v2
+    assert restart_pending(s) == ["env"]  # process 100 runs V=1
+    v3 = spec_of("2", kill=9.0)  # a later change that needs no restart keeps the mark
+    v3["pending_restart"] = pending_mark(s, v3, [])
+    s.spec = v3
+    assert restart_pending(s) == ["env"]
+    back = spec_of("1", kill=9.0)  # changed back: process 100 runs what the spec says
+    assert pending_mark(s, back, ["env"]) is None
+    s.pid, s.start_ticks = 101, 9  # a new process (a restart, a roll's hand over) runs the stored spec
+    assert restart_pending(s) == []
+    s.pidfd = None  # nothing runs: the next start takes the spec as it is
+    assert pending_mark(s, spec_of("3"), ["env"]) is None and restart_pending(s) == []

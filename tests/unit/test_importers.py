@@ -534,3 +534,16 @@ def test_cli_import_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     write(tmp_path / "big" / ".env", "PORT=65500\n")
     assert cli.main(["import", big, "--to", str(tmp_path / "big.toml")]) == 0
     assert "not mapped: Procfile:2: its PORT would be 65600, not a port number" in capsys.readouterr().out
+
+
+def test_a_fifo_or_a_device_is_refused_without_being_opened(tmp_path: Path) -> None:
+    """A FIFO would hang `pmon2 import` forever and /dev/zero never end: neither is opened."""
+    fifo = tmp_path / "Procfile"
+    os.mkfifo(fifo)
+    for path in (str(fifo), "/dev/zero"):
+        with pytest.raises(ConvertError, match="not a regular file"):
+            formats.convert(path)
+    conf = tmp_path / "supervisord.conf"
+    conf.write_text(f"[include]\nfiles = {fifo}\n[program:a]\ncommand = sleep 1\n")
+    with pytest.raises(ConvertError, match="not a regular file"):
+        formats.convert(str(conf))

@@ -12,11 +12,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pmon2 import spec as model
-from pmon2.daemon import auth, rolling
+from pmon2.daemon import auth, events, rolling
 from pmon2.daemon.apply import Apply, find_cycles
 from pmon2.daemon.auth import Caller, Forbidden
 from pmon2.daemon.logread import LogApi
-from pmon2.daemon.server import unquote
+from pmon2.daemon.server import Streamed, unquote
 from pmon2.daemon.supervisor import Supervisor
 from pmon2.errors import BadRequest, NotFound, PmonError
 
@@ -89,8 +89,8 @@ class Api:
             ("POST", re.compile(ref + "/stop"), model.STOP_FIELDS, none, self.stop),
             ("POST", re.compile(ref + "/restart"), none, none, self.restart),
             ("POST", re.compile(ref + "/reload"), model.RELOAD_FIELDS, none, self.reload),
-            ("GET", re.compile(ref + "/events"), none, (model.LIMIT,), self.service_events),
-            ("GET", re.compile(r"/v1/events"), none, (model.LIMIT,), self.all_events),
+            ("GET", re.compile(ref + "/events"), none, model.EVENTS_QUERY, self.service_events),
+            ("GET", re.compile(r"/v1/events"), none, model.EVENTS_QUERY, self.all_events),
             ("POST", re.compile(ref + "/flush"), none, none, self.flush),
             ("POST", re.compile(r"/v1/flush"), none, none, self.flush_all),
             ("POST", re.compile(ref + "/rename"), model.RENAME_FIELDS, none, self.rename),
@@ -130,7 +130,7 @@ class Api:
 
     async def get_daemon(self, **_: Any) -> tuple[int, Any]:
         access = self.peers.describe() if self.peers is not None else None
-        return 200, self.info() | self.sup.daemon_status() | {"access": access}
+        return 200, self.info() | self.sup.daemon_status() | {"access": access, "event_bus": self.sup.bus.stats()}
 
     async def post_shutdown(self, caller: Caller, **_: Any) -> tuple[int, Any]:
         caller.require_root("daemon shutdown")
@@ -183,7 +183,8 @@ class Api:
 
     async def service_events(self, ref: str, caller: Caller, options: dict[str, Any], **_: Any) -> tuple[int, Any]:
         """One service's events; NAME of an instance group (web for web:0..3, as ls and reload take it): the
-        newest `limit` of all its instances together, oldest first."""
+        newest `limit` of all its instances together, oldest first. With `follow`, a stream (events.follow):
+        those, then each new event of the same services (those the ref named when the request came)."""
         try:
             ids = [self.sup.find(ref, caller).id]
         except NotFound:
@@ -196,13 +197,25 @@ class Api:
             rows = [e for sid in ids for e in self.sup.store.events(sid, limit)]
             return sorted(rows, key=lambda e: e["id"])[-limit:]
 
+        if options["follow"]:
+            return 200, Streamed(events.follow(self.sup.bus, lambda: self.sup.persist.commit(
+                read, "the ledger cannot be read now", read=True), service_ids=ids,
+                # and, live, while the caller still owns them: an event carries its service's uid then
+                owner_uid=None if caller.privileged else caller.uid))
         return 200, await self.sup.persist.commit(read, "the ledger cannot be read now", read=True)
 
     async def all_events(self, caller: Caller, options: dict[str, Any], **_: Any) -> tuple[int, Any]:
+        """The newest `limit` events of the services the caller may see (a non-root caller: those whose
+        owner_uid is its uid), oldest first; with `follow`, then each new one as well (events.follow)."""
         owner = None if caller.privileged else caller.uid
-        return 200, await self.sup.persist.commit(
-            lambda: self.sup.store.events(None, options["limit"], owner_uid=owner), "the ledger cannot be read now",
-            read=True)
+
+        def read() -> Any:
+            return self.sup.persist.commit(lambda: self.sup.store.events(None, options["limit"], owner_uid=owner),
+                                           "the ledger cannot be read now", read=True)
+
+        if options["follow"]:
+            return 200, Streamed(events.follow(self.sup.bus, read, owner_uid=owner, service_ids=None))
+        return 200, await read()
 
     async def flush(self, ref: str, caller: Caller, **_: Any) -> tuple[int, Any]:
         return 200, {"files": self.sup.flush([self.sup.find(ref, caller)])}

@@ -7,7 +7,11 @@ Apply works in three stages (docs/api.md, "Apply"):
    runs services as itself only, as POST /v1/services), and sources (a service that came from another
    file is never taken over). Every problem is named, and nothing runs unless there is none.
 2. **Plan** (`plan`, a pure function of the file's services and the groups that exist): create, change
-   (which fields; whether that needs a restart), unchanged, and with `prune`, remove.
+   (which fields; whether that needs a restart, or a start), unchanged, and with `prune`, remove. What
+   runs counts, not only what is stored: a process started before a change that needed a restart (one
+   whose restart failed, as a rolling restart that stopped) is a change still to make, of those fields.
+   Apply never takes a service from another user: root's file that would run another user's service as
+   someone else is a conflict.
 3. **Execute** (`_Run`): removals first, a service after the services that depend on it; then one task
    per service, which waits for its dependencies' conditions (started, ready, completed) before it
    starts anything, so independent services start at once and concurrently. A failure is reported on its
@@ -31,7 +35,7 @@ from typing import Any
 from pmon2 import spec as model
 from pmon2.daemon import auth
 from pmon2.daemon.auth import Caller, Forbidden
-from pmon2.daemon.supervisor import RESTART_FIELDS
+from pmon2.daemon.supervisor import RESTART_FIELDS, restart_pending
 from pmon2.errors import BadRequest, PmonError
 
 log = logging.getLogger("pmond")
@@ -69,11 +73,15 @@ def _value(fields: dict[str, Any], name: str) -> Any:
 @dataclass
 class Current:
     """A service group as it exists: its fields as they were given (Supervisor.request_fields), whether a
-    user wants it running (desired `running` for any of its instances), and its Service objects."""
+    user wants it running (desired `running` for any of its instances), its Service objects, the uid it
+    runs as (None: not known, not checked), and its members meant to run whose process is older than a
+    change that needs a restart (service id -> those fields; supervisor.restart_pending)."""
 
     fields: dict[str, Any]
     running: bool = True
     services: list[Any] = field(default_factory=list)
+    uid: int | None = None
+    pending: dict[int, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,6 +98,8 @@ class Step:
     current: Current | None = None
     ok: bool = True
     error: dict[str, str] | None = None
+    start: bool = False  # change: autostart turned on for a group that does not run: it is started
+    pending: list[str] = field(default_factory=list)  # change: fields stored already, not yet run (restart)
 
     def fail(self, code: str, message: str) -> None:
         if self.ok:  # the first failure is the one to tell
@@ -98,6 +108,10 @@ class Step:
     def row(self) -> dict[str, Any]:
         row: dict[str, Any] = {"name": self.name, "action": self.action, "fields": self.fields,
                                "restart": self.restart, "ok": self.ok}
+        if self.start:
+            row["start"] = True
+        if self.pending:
+            row["pending"] = self.pending
         if self.error is not None:
             row["error"] = self.error
         return row
@@ -115,14 +129,18 @@ class Plan:
 
 
 def plan(services: list[dict[str, Any]], current: dict[str, Current], source: str, *, prune: bool = False,
-         taken: Iterable[str] = (), problems: Iterable[str] = ()) -> Plan:
+         taken: Iterable[str] = (), problems: Iterable[str] = (), caller_uid: int | None = None) -> Plan:
     """The plan of applying `services` (checked by spec.check_services, a caller's user already set) from
     the file `source` to the service groups `current` (group name -> Current) that the caller may act on.
     `taken`: names (case-folded) of services the caller may not see. `problems`: those found before.
+    `caller_uid`: the caller's uid (None: no caller, as in a test).
 
     A service that exists and came from `run` (no source) is taken over: a change of `source`, and
-    whatever else differs. One that came from another file is a conflict. With `prune`, the groups whose
-    source is `source` and that the file lacks are removed."""
+    whatever else differs. One that came from another file is a conflict, and so is one that runs as a
+    user other than the caller when the file would run it as someone else (root's apply never turns
+    nobody's service into root's). depends_on "completed" on a service that restarts always is a
+    problem: it never stays exited. With `prune`, the groups whose source is `source` and that the file
+    lacks are removed."""
     problems = list(problems)
     conflicts: list[str] = []
     taken = set(taken)
@@ -141,11 +159,16 @@ def plan(services: list[dict[str, Any]], current: dict[str, Current], source: st
     graph: dict[str, list[str]] = {}
     for svc in unique:
         deps = svc.get("depends_on") or {}
-        for dep in deps:
+        for dep, condition in deps.items():
             if dep not in by_name:
                 close = difflib.get_close_matches(dep, list(by_name), n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 problems.append(f"services.{svc['name']}.depends_on: {dep!r} is not a service of this file{hint}")
+            elif condition == "completed" and _value(by_name[dep], "restart") == "always":
+                # It exits 0 and is started again at once: "completed" would hold for an instant, or never.
+                problems.append(f"services.{svc['name']}.depends_on: {dep!r} = \"completed\" waits until {dep} "
+                                f"exits successfully, but {dep} restarts whenever it exits (restart = \"always\", "
+                                f"the default): set restart = \"no\" or \"on-failure\" in services.{dep}")
         graph[svc["name"]] = [d for d in deps if d in by_name]
     for cycle in find_cycles(graph):
         problems.append(f"services.{cycle[0]}.depends_on: a cycle: {' -> '.join(cycle)}")
@@ -173,18 +196,28 @@ def plan(services: list[dict[str, Any]], current: dict[str, Current], source: st
                              f"{want['source']}: take it out of that file (and apply it with prune), or delete it "
                              f"(pmon2 del {name}), then apply again")
             continue
+        owner = cur.uid
+        if owner is not None and owner != caller_uid and auth.uid_of_user(want.get("user")) != owner:
+            user, theirs = auth.user_name(owner), want.get("user") or auth.user_name(auth.uid_of_user(None))
+            conflicts.append(f"services.{name}: service {name!r} runs as {user}, and this file would run it as "
+                             f"{theirs}: apply never takes a service from its user; set user = \"{user}\" in "
+                             f"services.{name}, or delete it first (pmon2 del {name}), then apply again")
+            continue
         changes = differing(want, cur.fields)
         changed = list(changes)
         if have_source is None:  # made by `run`: from now on the file's
             changed.append("source")
             changes["source"] = want["source"]
-        if not changed:
+        # Stored already, but the process that runs was started before: a restart that failed, or never came.
+        stale = sorted({f for fs in cur.pending.values() for f in fs} - set(changed), key=_rank)
+        if not changed and not stale:
             steps.append(Step(name, "unchanged", want=want, depends_on=deps, current=cur))
             continue
         # The supervisor's word on what needs a restart (Supervisor.update says it again when it runs).
-        restart = cur.running and any(k in RESTART_FIELDS for k in changed)
-        steps.append(Step(name, "change", changed, restart, want=want, changes=changes, depends_on=deps,
-                          current=cur))
+        restart = cur.running and (any(k in RESTART_FIELDS for k in changed) or bool(cur.pending))
+        start = not cur.running and "autostart" in changed and bool(_value(want, "autostart"))
+        steps.append(Step(name, "change", sorted([*changed, *stale], key=_rank), restart, want=want,
+                          changes=changes, depends_on=deps, current=cur, start=start, pending=stale))
 
     removals: list[Step] = []
     if prune:
@@ -197,6 +230,10 @@ def plan(services: list[dict[str, Any]], current: dict[str, Current], source: st
         rank = {name: i for i, name in enumerate(reversed(order))}
         removals.sort(key=lambda s: rank[s.name])
     return Plan(removals + steps, problems, conflicts)
+
+
+def _rank(name: str) -> int:
+    return _RANK.get(name, len(_RANK))  # source (not compared) last
 
 
 def find_cycles(graph: dict[str, list[str]]) -> list[list[str]]:
@@ -300,7 +337,7 @@ class Apply:
         async with self.lock:
             current, taken = self.current(caller)
             p = plan(services, current, fields["source"], prune=fields.get("prune", False), taken=taken,
-                     problems=problems)
+                     problems=problems, caller_uid=caller.uid)
             if not p.valid:
                 exc = Invalid(p.problems + p.conflicts, conflict=not p.problems)
                 return exc.http_status, {"error": {"code": exc.code, "message": exc.message,
@@ -337,8 +374,10 @@ class Apply:
         taken: set[str] = set()
         for name, members in sorted(groups.items(), key=lambda kv: min(s.id for s in kv[1])):
             if all(caller.owns(s.uid) for s in members):
+                pending = {s.id: fields for s in members if s.desired == "running" and (fields := restart_pending(s))}
                 current[name] = Current(self.sup.request_fields(members[0]),
-                                        any(s.desired == "running" for s in members), list(members))
+                                        any(s.desired == "running" for s in members), list(members),
+                                        uid=members[0].uid, pending=pending)
             else:
                 taken.add(name.casefold())
         return current, taken
@@ -447,29 +486,32 @@ class _Run:
             self.started.add(step.name)
 
     async def change(self, step: Step) -> None:
-        assert step.current is not None
-        before = {s.id for s in step.current.services}
+        cur = step.current
+        assert cur is not None
+        before = {s.id for s in cur.services}
         changes = {k: v for k, v in step.changes.items() if k != "instances"}
         needs = False
         if changes:
             _, needs = await self.sup.update(step.name, changes)
-        members = step.current.services
+        members = cur.services
         if "instances" in step.changes:
-            if step.changes["instances"] > len(before) and step.current.running:
-                await self.gate(step)  # new instances start at once
+            if step.changes["instances"] > len(before) and cur.running:
+                await self.gate(step)  # new instances start at once (a stopped group's are made stopped)
             members, _ = await self.sup.scale(step.name, step.changes["instances"])
         self.members[step.name] = list(members)
-        again = [s for s in members if s.id in before and s.desired == "running"]
-        step.restart = bool(again) and (bool(needs) or "env" in changes)
-        if not step.restart:
+        # Restarted: the members meant to run, when this change needs it or an earlier one still waits for it.
+        again = [s for s in members if s.id in before and s.desired == "running" and (needs or s.id in cur.pending)]
+        # Started: every member, when autostart was turned on for a group that does not run.
+        begin = [s for s in members if s.desired != "running"] if step.start else []
+        step.restart = bool(again)
+        if not again and not begin:
             return
         await self.gate(step)
         async with self.slots:
-            results = await asyncio.gather(*(self.sup.restart(str(s.id)) for s in again), return_exceptions=True)
+            results = await asyncio.gather(*(self.sup.restart(str(s.id)) for s in again),
+                                           *(self.sup.start(str(s.id)) for s in begin), return_exceptions=True)
         self.started.add(step.name)
         for result in results:
-            if isinstance(result, PmonError):
-                raise result
             if isinstance(result, BaseException):
                 raise result
 

@@ -26,7 +26,10 @@ a log in one of two ways (see open_log):
 
 - in pmond's own log dir, when that dir is owned by pmond's user and writable by no one else (so no
   service can plant anything there), it creates the file itself, before the user switch, relative to
-  an fd of the dir, and gives it to the service's user with fchown;
+  an fd of the dir, and gives it to the service's user with fchown. A file left there by another user
+  (a service of theirs that was deleted, failed to start or changed user) is never reused: it is set
+  aside (set_aside) and a new one created, as that user may still hold it open, or have opened it to
+  others (chmod, an ACL), and a chown takes away neither;
 - anywhere else (a --log or --log_dir the user chose), it opens the file only after switching to the
   service's user: a service never writes where its user could not.
 
@@ -145,22 +148,49 @@ def _open(name: str, flags: int, dirfd: int) -> int:
         raise Refused(what) from None
 
 
+MAX_ASIDE = 1000  # NAME.uid-UID, NAME.uid-UID-2, ...: how many set_aside tries before it gives up
+
+
+def set_aside(name: str, dirfd: int, uid: int) -> str:
+    """Rename `name` (in the dir of `dirfd`, pmond's own) to NAME.uid-UID, or NAME.uid-UID-N when that is
+    taken, and return the new name. `uid` owns the file: the name says whose it was. Never replaces a
+    file (only pmond's user can write the dir, so a name seen free stays free), and never matches
+    NAME.N or NAME.N.gz, so rotation, the log budget and `pmon2 logs` leave it alone: kept for the
+    administrator. Raises Refused when MAX_ASIDE names are taken, OSError when the rename fails."""
+    for n in range(1, MAX_ASIDE + 1):
+        aside = f"{name}.uid-{uid}" + (f"-{n}" if n > 1 else "")
+        try:
+            os.stat(aside, dir_fd=dirfd, follow_symlinks=False)
+        except FileNotFoundError:
+            os.rename(name, aside, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+            return aside
+    raise Refused(f"belongs to uid {uid}, and {MAX_ASIDE} names to set it aside are taken")
+
+
 def open_log(path: str, dirfd: int = -1, owner: tuple[int, int] | None = None) -> int:
     """Open a log file for the service to append to; raises OSError, or Refused for anything that is not
     a regular file of its own.
 
     With `dirfd` (pmond's own log dir, from trusted_dir_fd), the file is created here with O_EXCL, or an
-    existing one opened, both relative to the dir fd, and given to `owner` (uid, gid) with fchown, so a
-    service that runs as another user owns its log (files of older versions, created by root, change
-    owner at the next start). It must have exactly one link: a second name for it could be anywhere.
-    Without `dirfd`, `path` is opened as whoever this process is now (the service's user: see
-    intermediate). As root, a hard link is refused there as well: root writes through any link."""
+    existing one opened, both relative to the dir fd, and given to `owner` (uid, gid: the service's, which
+    are pmond's own when it runs as pmond's user) with fchown. An existing file is reused only when it
+    belongs to owner's uid; one of any other user, pmond's own included (a deleted root service's output
+    must not go to the next owner of its name), is set aside (set_aside) and a new one created. It must have
+    exactly one link: a second name for it could be anywhere. Without `dirfd`, `path` is opened as
+    whoever this process is now (the service's user: see intermediate). As root, a hard link is refused
+    there as well: root writes through any link."""
     if dirfd >= 0:
         name = path.rpartition("/")[2]
         try:
             fd = _open(name, LOG_FLAGS | os.O_CREAT | os.O_EXCL, dirfd)
         except FileExistsError:  # O_EXCL: even a dangling symbolic link counts as existing (open(2))
             fd = _open(name, LOG_FLAGS, dirfd)
+            st = os.fstat(fd)
+            # (a file with a second name is refused below, not set aside: nothing may be written through it)
+            if owner is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid != owner[0]:
+                os.close(fd)
+                set_aside(name, dirfd, st.st_uid)
+                fd = _open(name, LOG_FLAGS | os.O_CREAT | os.O_EXCL, dirfd)
     else:
         fd = _open(path, LOG_FLAGS | os.O_CREAT, -1)
     try:
@@ -208,7 +238,10 @@ def intermediate(req: tuple, status_w: int, ack_r: int, changed: list[int] | Non
             for path in logs:
                 if dirfd >= 0 and path.rpartition("/")[0] == trusted:
                     stage = "log " + path
-                    logs[path] = open_log(path, dirfd, None if ident is None else (ident[0], ident[1]))
+                    # Always an owner, pmond's own ids when there is no other user: a file another user
+                    # left in the dir (a create of theirs that failed, a deleted service) is not reused.
+                    owner = (os.geteuid(), os.getegid()) if ident is None else (ident[0], ident[1])
+                    logs[path] = open_log(path, dirfd, owner)
             if ident is not None:
                 stage = "user"
                 uid, gid, groups = ident

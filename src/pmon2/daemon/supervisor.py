@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -23,13 +24,13 @@ from typing import Any
 from pmon2 import procfs
 from pmon2 import spec as model
 from pmon2.config import Config
-from pmon2.daemon import auth, follow, instances, notify, recovery, rolling, sockets, spawn, watch
+from pmon2.daemon import auth, events, follow, instances, notify, recovery, rolling, sockets, spawn, watch
 from pmon2.daemon.launches import LaunchRecord, LaunchRecords
 from pmon2.daemon.persist import NotSaved, Persist
 from pmon2.daemon.policy import RestartPolicy, Status, Trigger, step
 from pmon2.daemon.rotate import RotationPolicy, Rotator
 from pmon2.daemon.store import Store
-from pmon2.errors import BadRequest, Conflict, NotFound, PmonError, SpawnError, StoreError
+from pmon2.errors import BadRequest, Conflict, NotFound, PmonError, SpawnError
 from pmon2.render import words
 from pmon2.signals import parse_signal
 
@@ -96,6 +97,7 @@ class Supervisor:
     def __init__(self, config: Config, store: Store, watcher: watch.Watcher,
                  launcher: spawn.Launcher | None = None) -> None:
         self.launcher = launcher  # None: pmond forks each intermediate itself
+        self.bus = events.Bus()  # every event, live, after the ledger write (_event; events.py)
         self.instance_id = instance_id(config.paths.data_dir)
         self.launches = LaunchRecords(os.path.join(config.paths.run_dir, "launches"))
         self.notify = notify.Notify(self, os.path.join(config.paths.run_dir, "notify"))  # sd_notify sockets
@@ -240,6 +242,9 @@ class Supervisor:
                     spec["fields"]["name"] = svc.spec["instance_of"]
                 changed = [k for k in changes if old.get(k) != changes[k]]
                 restart = restart or any(k in RESTART_FIELDS for k in changed)
+                mark = pending_mark(svc, spec, [k for k in changed if k in RESTART_FIELDS])
+                if mark is not None:
+                    spec["pending_restart"] = mark
                 await self.persist.commit(lambda s=svc, sp=spec: self.store.update_service(s.id, spec=sp))
                 svc.spec = self._share_env(spec)
                 svc.uid = auth.uid_of_user(spec["user"])
@@ -249,8 +254,10 @@ class Supervisor:
         return targets, restart
 
     async def scale(self, group: str, count: int) -> tuple[list[Service], list[str]]:
-        """Run `count` instances of a group: new ones NAME:n.. are created (and started), the highest go
-        first when it shrinks. A plain service NAME becomes NAME:0. Returns (the group now, removed names)."""
+        """Run `count` instances of a group: new ones NAME:n.. are created, the highest go first when it
+        shrinks. A plain service NAME becomes NAME:0. The new ones follow the group: started when one of its
+        instances is meant to run, else created stopped (a stopped group stays stopped, whatever its
+        autostart). Returns (the group now, removed names)."""
         current = self.select([group])
         if len(current) == 1 and not current[0].spec.get("instance_of"):
             plain = current[0]
@@ -261,6 +268,7 @@ class Supervisor:
             await self.persist.commit(lambda: self.store.update_service(plain.id, spec=plain.spec))
         members = self.groups().get(group, [])
         template = self.request_fields(members[0])
+        running = any(s.desired == "running" for s in members)
         removed = []
         for svc in sorted(members, key=lambda s: s.spec["instance"], reverse=True)[:max(len(members) - count, 0)]:
             removed.append(svc.name)
@@ -270,7 +278,7 @@ class Supervisor:
         for svc in self.groups().get(group, []):
             self._event(svc, "scale", f"{group} scaled to {count}")
         made = await self.create_many([dict(template, name=instances.name(group, i), instance_of=group, instance=i)
-                                       for i in adding])
+                                       for i in adding], start=running)
         failure = next((m for m in made if isinstance(m, BaseException)), None)
         if failure is not None:
             raise failure
@@ -331,12 +339,15 @@ class Supervisor:
 
     def _event(self, svc: Service | None, kind: str, message: str, name: str | None = None,
                owner_uid: int | None = None, service_id: int | None = None, **data: Any) -> int | None:
-        """Log and record an event; the caller of the API request being served (if any) is recorded."""
+        """Log and record an event, then publish it on the bus (with its ledger row id, None while the
+        store is down); the caller of the API request being served (if any) is recorded."""
         log.info("%s: %s", svc.name if svc else name, message)
         caller = auth.CALLER.get()
-        return self.persist.event(svc.id if svc else service_id, svc.name if svc else (name or "?"), kind, message,
-                                  data or None, time.time(), caller_uid=caller.uid if caller else None,
-                                  owner_uid=svc.uid if svc else owner_uid)
+        at, sid, who = time.time(), svc.id if svc else service_id, svc.name if svc else (name or "?")
+        caller_uid, owner = caller.uid if caller else None, svc.uid if svc else owner_uid
+        row = self.persist.event(sid, who, kind, message, data or None, at, caller_uid=caller_uid, owner_uid=owner)
+        self.bus.publish(events.Event(row, at, sid, who, kind, message, data or None, caller_uid, owner))
+        return row
 
     def _transition(self, svc: Service, trigger: Trigger, *, runtime: float | None = None,
                     user_initiated: bool = False, failed: bool | None = None) -> float | None:
@@ -354,98 +365,10 @@ class Supervisor:
     # start-up
 
     async def recover(self, rebuild: bool = False) -> list[dict[str, Any]]:
-        """Load every service; take back those still running, start those that died meanwhile.
+        """Reconcile the database, the launch records and the marked processes: see startup_recovery.py."""
+        from pmon2.daemon import startup_recovery
 
-        Reconciles three sources: the database, the launch records (written before any process may
-        run) and the processes that carry this pmond's marker. A process whose identity matches is
-        adopted; the leftovers of a deleted service are stopped; a running service that the database
-        does not know means the database was emptied or rolled back: pmond refuses to start (StoreError)
-        unless `rebuild` (`pmon2 daemon recover`), which rebuilds those services from their processes.
-        Returns what `rebuild` restored, and what it could not."""
-        boot = procfs.boot_id()
-        records = self.launches.load()
-        rows = self.store.load_services()
-        marked = recovery.marked_processes(self.instance_id)
-        known = {row["id"] for row in rows}
-        highest = self.store.highest_service_id()
-        lost = {sid: pids for sid, pids in marked.items() if sid not in known and sid > highest}
-        # Launched, so once in the database, but unknown to it and with no process left: rolled back too.
-        vanished = {sid: r for sid, r in records.items() if sid not in known and sid > highest and sid not in lost}
-        mark = self.launches.read_commits()
-        forgotten = mark[1] - self.store.commits() if mark is not None and mark[0] == boot else 0
-        restored: list[dict[str, Any]] = []
-        if (lost or vanished or forgotten > 0) and not rebuild:
-            found = []
-            if lost:
-                found.append("services that are still running: " + ", ".join(
-                    f"{sid} (pid {', '.join(map(str, sorted(pids)))})" for sid, pids in sorted(lost.items())))
-            if vanished:
-                found.append("services it had launched: " + ", ".join(
-                    f"{sid} ({r.name})" for sid, r in sorted(vanished.items())))
-            if forgotten > 0:
-                found.append(f"its last {forgotten} command{'s' if forgotten != 1 else ''} (stop, delete, ...)")
-            raise StoreError(f"the database {self.store.path} lost {'; and '.join(found)}. It was emptied or "
-                             "rolled back; run `pmon2 daemon recover` to rebuild it from the running processes")
-        if lost:
-            restored = self._rebuild(lost, records, boot)
-            rows = self.store.load_services()
-            known = {row["id"] for row in rows}
-        if rebuild:
-            restored += [{"id": sid, "name": r.name, "pid": None, "restored": False,
-                          "why": "lost from the database and not running: nothing to rebuild it from"}
-                         for sid, r in sorted(vanished.items())]
-            if forgotten > 0:
-                restored.append({"id": None, "name": None, "pid": None, "restored": False,
-                                 "why": f"the database lost its last {forgotten} command(s): check that stopped "
-                                        "and deleted services are as you left them"})
-            self._note_commits(self.store.commits())
-        for sid, pids in marked.items():
-            if sid not in known and sid <= highest:
-                self._stop_orphans(sid, pids, records.get(sid))
-        for sid in set(records) - known:
-            self.launches.remove(sid)
-        rolls = rolling.Recovery(self)  # a roll cut short: its new and old processes (surge, retire records)
-        for row in rows:
-            svc = Service(id=row["id"], name=row["name"], spec=self._share_env(row["spec"]),
-                          uid=auth.uid_of_user(row["spec"]["user"]), desired=row["desired"],
-                          status=Status(row["status"]), pid=row["pid"], start_ticks=row["start_ticks"],
-                          boot_id=row["boot_id"], started_at=row["started_at"], restarts=row["restarts"],
-                          fast_exits=row["fast_exits"], retry_at=row["retry_at"], last_exit=row["last_exit"],
-                          last_error=row["last_error"])
-            self.services[svc.id] = svc
-            self._recover_one(svc, boot, rolls.record(svc, records.get(svc.id)), marked.get(svc.id, []))
-            rolls.finish(svc)
-        self.notify.recover()  # the notify sockets of adopted services, at the paths they hold
-        self.sockets.recover(self.services.values())  # listening sockets, from the running services
-        return restored
-
-    def _rebuild(self, lost: dict[int, list[int]], records: dict[int, Any], boot: str) -> list[dict[str, Any]]:
-        """Insert each lost service again, with its old id (its processes' marker names it), from what
-        its main process shows; the rest takes the defaults, and the report says which."""
-        restored = []
-        for sid, pids in sorted(lost.items()):
-            main = recovery.main_process(pids)
-            facts = recovery.rebuild(main) if main is not None else None
-            if facts is None:
-                restored.append({"id": sid, "restored": False, "why": "its processes could not be read"})
-                continue
-            record = records.get(sid)
-            name = record.name if record is not None else f"recovered-{sid}"
-            if self.store.name_taken(name):
-                name = f"{name}-{sid}"
-            out_log = facts.out_log or os.path.join(self.config.paths.log_dir, f"{name}-out.log")
-            spec = {"argv": facts.argv, "exe": facts.exe, "cwd": facts.cwd, "env": facts.env, "user": facts.user,
-                    "out_log": out_log, "err_log": facts.err_log or out_log, "autorestart": True,
-                    "min_uptime": self.config.min_uptime, "kill_timeout": self.config.kill_timeout,
-                    "stop_signal": model.SERVICE["stop_signal"].default}
-            self.store.insert_recovered(sid, name, spec, pid=facts.pid, start_ticks=facts.start_ticks,
-                                        boot_id=boot, started_at=procfs.start_wall_time(facts.start_ticks))
-            self._event(None, "recover", f"rebuilt from process {facts.pid}; not restored: "
-                        f"{', '.join(facts.missing)}", name=name, owner_uid=auth.uid_of_user(facts.user),
-                        service_id=sid)
-            restored.append({"id": sid, "name": name, "pid": facts.pid, "restored": True,
-                             "not_restored": facts.missing})
-        return restored
+        return await startup_recovery.recover(self, rebuild)
 
     def _stop_orphans(self, sid: int, pids: list[int], record: Any) -> None:
         """Processes marked with the id of a service that was deleted: stop them (never forget one)."""
@@ -462,59 +385,6 @@ class Supervisor:
                                 name=record.name if record is not None else f"#{sid}", pid=pid)
             finally:
                 os.close(pidfd)
-
-    def _recover_one(self, svc: Service, boot: str, record: Any = None, marked: list[int] | None = None) -> None:
-        # The launch record is at least as new as the database: pmond writes it first.
-        candidates = [(svc.pid, svc.start_ticks, svc.boot_id)]
-        if record is not None and (record.pid, record.start_ticks) != (svc.pid, svc.start_ticks):
-            candidates.insert(0, (record.pid, record.start_ticks, record.boot_id))
-        for pid, ticks, boot_id in candidates:
-            pidfd = watch.adopt(pid, ticks, boot_id) if pid else None
-            if pidfd is None:
-                continue
-            assert pid is not None and ticks is not None
-            if pid != svc.pid:
-                svc.pid, svc.start_ticks, svc.boot_id = pid, ticks, boot_id
-                svc.started_at = procfs.start_wall_time(ticks)
-            svc.status = Status.RUNNING
-            self._watch(svc, pid, pidfd)
-            self.follow.restore_window(svc)  # a reload window the killed pmond had open for this process
-            self._save(svc, "status", "pid", "start_ticks", "boot_id", "started_at")
-            self._event(svc, "adopt", f"adopted running process {pid}", pid=pid)
-            if svc.desired == "stopped":
-                self._spawn_task(self.stop(str(svc.id)))
-            return
-        # Gone, but a successor of it runs (pmond was killed during a handover): adopt it, start no duplicate.
-        found = self.follow.after_restart(svc, marked or [], record.start_ticks if record is not None else None)
-        if found is not None:
-            svc.status = Status.RUNNING
-            self._hand_over(svc, *found)
-            if svc.desired == "stopped":
-                self._spawn_task(self.stop(str(svc.id)))
-            return
-        rebooted = svc.boot_id is not None and svc.boot_id != boot
-        was_up = svc.status in (Status.RUNNING, Status.STOPPING)
-        if svc.last_exit is not None and svc.last_exit.get("source") == "pending":
-            svc.last_exit["source"] = "unknown"  # pmond died before the status came: nobody will tell it now
-        if was_up:
-            svc.last_exit = {"code": None, "signal": None, "at": None, "runtime_s": None,
-                             "source": "unknown", "while_down": True}
-            self._event(svc, "exit", words.gone_message(svc.pid, rebooted),
-                        pid=svc.pid, while_down=True, rebooted=rebooted)
-        svc.pid = None
-        svc.started_at = None
-        # A user asked for it to run: whatever command pmond died inside (a restart between its stop and
-        # its start leaves `stopped`), it runs again. `exited` and `errored` were pmond's own verdicts.
-        if svc.desired == "running" and svc.status in (Status.STOPPED, Status.STOPPING, Status.RUNNING,
-                                                      Status.BACKOFF):
-            svc.status = Status.BACKOFF
-            svc.retry_at = time.time()
-            self._save(svc, "status", "pid", "started_at", "retry_at", "last_exit")
-            self._spawn_task(self._auto_start(svc, svc.generation, restart=was_up))
-        else:
-            if svc.status in (Status.RUNNING, Status.STOPPING, Status.BACKOFF):
-                svc.status = Status.STOPPED
-            self._save(svc, "status", "pid", "started_at", "last_exit")
 
     def _spawn_task(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -605,14 +475,16 @@ class Supervisor:
             raise made
         return made[0]
 
-    async def create_many(self, reqs: list[dict[str, Any]]) -> list[list[Service] | PmonError]:
+    async def create_many(self, reqs: list[dict[str, Any]],
+                          start: bool | None = None) -> list[list[Service] | PmonError]:
         """Create services in bulk (an apply's creates): per request, its services (NAME:0 ... with
         `instances`), or the error that failed it, in order. Every request is built and checked first (names
         against one case-folded index, not a scan of every service per name); the rows of all of them are
         one transaction (one command: one commit count, one watermark write); then every start begins at
         once, at most LAUNCHES_AT_ONCE launches in flight. A service whose start fails leaves no trace (the
-        user fixes the command and applies again); the others go on. Raises NotSaved when the rows cannot
-        be written (nothing was created)."""
+        user fixes the command and applies again); the others go on. `start`: start them or not (scale: as
+        their group), instead of each request's autostart. Raises NotSaved when the rows cannot be written
+        (nothing was created)."""
         taken: dict[str, Any] = {s.name.casefold(): s for s in self.services.values()}
         results: list[list[Service] | PmonError] = [[] for _ in reqs]
         units: list[tuple[int, str, dict[str, Any], bool]] = []  # (request, name, spec, autostart)
@@ -625,7 +497,7 @@ class Supervisor:
                         spec["instance_of"], spec["instance"] = one["instance_of"], one["instance"]
                         given = {k: v for k, v in spec["fields"].items() if k not in ("instance_of", "instance")}
                         spec["fields"] = dict(given, name=one["instance_of"])
-                    built.append((i, name, spec, bool(req.get("autostart", True))))
+                    built.append((i, name, spec, bool(req.get("autostart", True)) if start is None else start))
                     taken[name.casefold()] = name
             except PmonError as exc:
                 results[i] = exc
@@ -667,7 +539,8 @@ class Supervisor:
                 starts.append(start(i, svc))
             else:
                 svc.desired = "stopped"
-                self._event(svc, "create", "created, not started (autostart = false)")
+                self._event(svc, "create", "created, not started ("
+                            + ("autostart = false" if start is None else "its group is stopped") + ")")
         await asyncio.gather(*starts)
         return results
 
@@ -675,8 +548,8 @@ class Supervisor:
         """A create request as the request of each service it makes: itself, or NAME:0 ... NAME:N-1 for
         `instances` = N (the group's name NAME must be free as well)."""
         count = req.get("instances", 1)
-        if count == 1 or req.get("instance_of"):
-            return [req]  # one service, or one instance (scale)
+        if "instances" not in req or req.get("instance_of"):
+            return [req]  # one service, or one instance (scale); `instances = 1` given is a group of one
         try:
             group = req.get("name") or model.check_name(os.path.basename(req["argv"][0]))
         except ValueError as exc:
@@ -837,21 +710,24 @@ class Supervisor:
             self._spawn_task(self._auto_start(svc, gen, restart=True))
         self._after_decision(svc, retry_in)
 
-    async def _await_ready(self, svc: Service, gen: int) -> None:
+    async def _await_ready(self, svc: Service, gen: int, timeout: float | None = None) -> None:
         """Run the readiness check (`ready`) of a process that just started: `running` once it passes; a
-        failed start past start_timeout (the process is killed, and the restart policy decides)."""
+        failed start past start_timeout (the process is killed, and the restart policy decides).
+        `timeout`: seconds left instead of start_timeout (a process adopted after a restart of pmond,
+        startup_recovery.py); a probe is still tried once at 0."""
         from pmon2.daemon import probes
 
         spec = svc.spec
+        limit = spec.get("start_timeout", 90.0) if timeout is None else timeout
         try:
             probe = None if spec["ready"] == "notify" else probes.parse(spec["ready"])
         except ValueError as exc:
             result = probes.Result(False, str(exc))
         else:
             if probe is None:  # sd_notify (systemd's Type=notify): READY=1 on its notify socket, notify.py
-                result = await self.notify.wait_ready(svc, spec.get("start_timeout", 90.0), svc.exited)
+                result = await self.notify.wait_ready(svc, limit, svc.exited)
             else:
-                result = await probes.wait_ready(probe, deadline_s=spec.get("start_timeout", 90.0), stop=svc.exited,
+                result = await probes.wait_ready(probe, deadline_s=limit, stop=svc.exited,
                                                  env=instances.launch_values(spec)[1], cwd=spec["cwd"],
                                                  user=probe_identity(spec))
         if svc.id not in self.services or svc.generation != gen or svc.status is not Status.STARTING:
@@ -877,12 +753,17 @@ class Supervisor:
                    runtime: float | None) -> None:
         info = {"code": status.code, "signal": status.signal_name(), "core": status.core,
                 "source": status.source}
+        message = words.exit_message(pid, info | {"runtime_s": runtime})
         if event_id is not None:
             try:
-                self.store.complete_event(
-                    event_id, words.exit_message(pid, info | {"runtime_s": runtime}), info)
+                self.store.complete_event(event_id, message, info)
             except sqlite3.Error as exc:
                 log.error("%s: cannot record an exit status: %s", svc.name, exc)
+        # The ledger's `exit` row is completed in place; the bus's readers saw it go by, so they get the
+        # status as an event of its own (not a ledger row: id None), which names the row it completes.
+        self.bus.publish(events.Event(None, time.time(), svc.id, svc.name, events.EXIT_STATUS, message,
+                                      info | {"pid": pid, "event_id": event_id, "runtime_s": runtime}, None,
+                                      svc.uid))
         # The status of an older run arrives late, after a restart: it must not overwrite a newer exit.
         if svc.last_exit is not None and svc.last_exit.get("pid") == pid and svc.id in self.services:
             svc.last_exit.update(info)
@@ -1222,6 +1103,44 @@ OPTIONAL_FIELDS = ("group", "success_exit_codes", "exit_status_wait", "max_resta
 # A change of these takes effect at the next start: `update` says a restart is needed.
 RESTART_FIELDS = frozenset({"argv", "cwd", "env", "user", "group", "log", "log_dir", "port", "ready",
                             "watchdog_sec", "listen", "reuseport", "pidfile"})
+
+
+# What a process is launched with, of a stored spec: a change of any of these waits for a restart.
+LAUNCH_KEYS = ("exe", "argv", "cwd", "env", "user", "group", "out_log", "err_log", "port", "ready", "watchdog_sec",
+               "listen", "reuseport", "pidfile", "instance")
+
+
+def launch_digest(spec: dict[str, Any]) -> str:
+    """A digest of what a stored spec launches a process with (LAUNCH_KEYS): equal digests, equal processes."""
+    text = json.dumps([spec.get(k) for k in LAUNCH_KEYS], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def pending_mark(svc: Service, new_spec: dict[str, Any], fields: list[str]) -> dict[str, Any] | None:
+    """The `pending_restart` mark of `new_spec`, which replaces svc.spec while svc's process keeps running:
+    {"pid", "start_ticks": the process that still runs the older spec, "digest": that spec's launch_digest,
+    "fields": the fields (RESTART_FIELDS) changed since it started}; None when nothing runs or what runs
+    is what `new_spec` would launch. A failed rolling restart leaves it, so the next apply finishes the
+    change (restart_pending); any later start of the service makes it stale."""
+    if not svc.alive or svc.pid is None:
+        return None
+    mark = svc.spec.get("pending_restart")
+    if not mark or (mark.get("pid"), mark.get("start_ticks")) != (svc.pid, svc.start_ticks):
+        if not fields:
+            return None
+        mark = {"pid": svc.pid, "start_ticks": svc.start_ticks, "digest": launch_digest(svc.spec), "fields": []}
+    if launch_digest(new_spec) == mark["digest"]:
+        return None  # changed back: the process runs what the spec says
+    return dict(mark, fields=sorted(set(mark["fields"]) | set(fields)))
+
+
+def restart_pending(svc: Service) -> list[str]:
+    """The fields (RESTART_FIELDS) whose change waits for a restart of svc's running process (it was
+    started before they changed, and a restart did not follow or failed); [] when it runs its spec."""
+    mark = svc.spec.get("pending_restart")
+    if not mark or not svc.alive or (mark.get("pid"), mark.get("start_ticks")) != (svc.pid, svc.start_ticks):
+        return []
+    return list(mark.get("fields") or [])
 
 
 def legacy_fields(spec: dict[str, Any], name: str) -> dict[str, Any]:

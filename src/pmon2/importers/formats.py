@@ -75,6 +75,8 @@ def convert(path: str, *, fmt: str | None = None, env_name: str | None = None) -
         raise ConvertError(f"{path}: no such file")
     if os.path.isdir(path):
         raise ConvertError(f"{path} is a directory: name the file (ecosystem.config.js, supervisord.conf, Procfile)")
+    if not os.path.isfile(path):  # a FIFO would hang the reading, a device such as /dev/zero never end
+        raise ConvertError(f"{path}: not a regular file")
     fmt = fmt or detect(path)
     if fmt == "pm2":
         from pmon2.importers import pm2 as module

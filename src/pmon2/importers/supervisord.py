@@ -75,6 +75,8 @@ class _Parser(configparser.RawConfigParser):
 
     def read_one(self, path: str) -> None:
         before = set(self.sections())
+        if not os.path.isfile(path):  # an [include]d FIFO or device: never opened (it would hang or not end)
+            raise ConvertError(f"{path}: not a regular file")
         try:
             with open(path, encoding="utf-8") as fh:
                 self.read_file(fh, path)

@@ -14,14 +14,18 @@ def local_time(ts: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) + f".{int(ts * 1000) % 1000:03d}"
 
 
-def render_events(events: list[dict[str, Any]], color: bool) -> str:
+def render_events(events: list[dict[str, Any]], color: bool, widths: dict[str, int] | None = None) -> str:
+    """One line per event: time, service, kind, message, in aligned columns. `widths` ({"service", "kind"}),
+    kept by the caller across calls (`events -f` renders batch after batch), lets columns only grow, so that
+    later lines stay aligned with earlier ones."""
     if not events:
         return "no events"
-    name_w = max(len(e["service"]) for e in events)
-    kind_w = max(len(e["kind"]) for e in events)
-    styles = {"exit": "red", "start_failed": "red", "kill": "red", "backoff": "magenta", "start": "green",
-              "restart": "green", "adopt": "cyan", "stop": "yellow", "reload": "blue", "delete": "yellow",
-              "recover": "cyan", "leftovers": "yellow"}
+    widths = {} if widths is None else widths
+    name_w = widths["service"] = max(widths.get("service", 0), *(len(e["service"]) for e in events))
+    kind_w = widths["kind"] = max(widths.get("kind", 0), *(len(e["kind"]) for e in events))
+    styles = {"exit": "red", "exit_status": "red", "start_failed": "red", "kill": "red", "backoff": "magenta",
+              "start": "green", "restart": "green", "adopt": "cyan", "stop": "yellow", "reload": "blue",
+              "delete": "yellow", "recover": "cyan", "leftovers": "yellow", "lost": "magenta"}
     lines = []
     for e in events:
         when = paint(local_time(e["at"]), "grey", color)
