@@ -218,7 +218,8 @@ class Pmon:
             return set()
 
     def service_marker(self) -> bytes:
-        """The prefix of PMON2_SERVICE that this home's pmond gives every service it starts."""
+        """The prefix of PMON2_SERVICE that this home's pmond gives every service it starts: the whole
+        marker is PMON2_SERVICE=<instance id>:<service id>:<tag> (the tag: daemon/recovery.py)."""
         from pmon2.daemon.supervisor import instance_id
 
         return f"PMON2_SERVICE={instance_id(str(self.home / 'data'))}:".encode()

@@ -83,14 +83,15 @@ def group_members(pgid: int) -> list[int]:
 
 
 def has_env_marker(pid: int, marker: bytes) -> bool:
-    """`marker` is one whole entry of the process's environment, or its prefix when it ends with ':'."""
+    """`marker` is one whole entry of the process's environment (a PMON2_SERVICE=<instance>:<id> entry also
+    matches with the tag that follows it, ":<tag>"), or its prefix when it ends with ':'."""
     try:
         entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     except OSError:
         return False
     if marker.endswith(b":"):
         return any(e.startswith(marker) for e in entries)
-    return marker in entries
+    return any(e == marker or e.startswith(marker + b":") for e in entries)
 
 
 def free_port() -> int:

@@ -4,7 +4,7 @@ carry this pmond's service marker, and the invariant check that follows every cr
 test_crash_harness.py for what it proves).
 
 A census counts a process when it is alive (not a zombie: PID 1 reaps late on these machines) and its
-environment holds PMON2_SERVICE=<this pmond's instance id>:<service id>. A service's main process leads
+environment holds PMON2_SERVICE=<this pmond's instance id>:<service id>(:<tag>). A service's main process leads
 its own process group (pid == pgrp); `sleep` services have no children, so every marked process should
 be the main process of a service that pmond lists.
 """
@@ -153,7 +153,8 @@ def scan(marker: bytes, home: Path, daemon: int | None) -> tuple[list[Marked], l
             env = Path(f"/proc/{name}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        value = next((e[len(marker):] for e in env if e.startswith(marker)), None)
+        # <service id>:<tag>; the judge counts every process that claims the marker, tag checked or not
+        value = next((e[len(marker):].split(b":")[0] for e in env if e.startswith(marker)), None)
         helper = home_entry in env
         if value is None and not helper:
             continue
@@ -196,7 +197,7 @@ def census_of(pid: int, marker: bytes) -> list[Marked]:
         env = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
         return []
-    value = next((e[len(marker):] for e in env.split(b"\0") if e.startswith(marker)), None)
+    value = next((e[len(marker):].split(b":")[0] for e in env.split(b"\0") if e.startswith(marker)), None)
     st = read_stat(pid)
     if value is None or not value.isdigit() or st is None or st[2] in DEAD_STATES:
         return []

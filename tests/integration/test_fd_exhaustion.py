@@ -61,6 +61,7 @@ def _service_pids(pmon: Any, svc: dict[str, Any]) -> list[int]:
             env = open(f"/proc/{name}/environ", "rb").read().split(b"\0")
         except OSError:
             continue
-        if marker in env and pmon.is_alive(int(name)) and pmon.pgrp(int(name)) == int(name):
+        if any(e == marker or e.startswith(marker + b":") for e in env) \
+                and pmon.is_alive(int(name)) and pmon.pgrp(int(name)) == int(name):
             found.append(int(name))
     return found

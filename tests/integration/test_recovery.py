@@ -60,10 +60,10 @@ def _start_ticks(pid: int) -> int:
 
 
 def marked(pmon: Any, service_id: int) -> list[int]:
-    """Live processes carrying exactly PMON2_SERVICE=<this home's instance>:<service_id>."""
+    """Live processes carrying exactly PMON2_SERVICE=<this home's instance>:<service_id>(:<tag>)."""
     entry = pmon.service_marker() + str(service_id).encode()
     return sorted(p for p in map(int, filter(str.isdigit, os.listdir("/proc")))
-                  if entry in _environ(p) and _alive(p))
+                  if any(e == entry or e.startswith(entry + b":") for e in _environ(p)) and _alive(p))
 
 
 def daemon_processes(pmon: Any) -> list[int]:

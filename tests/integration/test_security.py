@@ -52,7 +52,7 @@ def test_run_stores_no_session_variables_and_env_flags(pmon: Any) -> None:
     for name in ("SSH_AUTH_SOCK", "SSH_CONNECTION", "DISPLAY", "XDG_SESSION_ID", "PMON2_HOME"):
         assert name not in stored, name
     environ = dict(e.split(b"=", 1) for e in open(f"/proc/{svc['pid']}/environ", "rb").read().split(b"\0") if e)
-    assert environ[b"PMON2_SERVICE"].endswith(f":{svc['id']}".encode())
+    assert environ[b"PMON2_SERVICE"].split(b":")[1] == str(svc["id"]).encode()  # <instance>:<id>:<tag>
     clean = pmon.start_service("--env-clear", "--env", "A=1", "--env", "B=x=y", "/bin/sleep", "737376",
                                "--name", "clean", "--json", env=env)
     stored = json.loads(pmon.run("desc", "clean", "--json", "--show-env").stdout)["env"]

@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 
 from pmon2 import procfs, spec
-from pmon2.daemon import follow
+from pmon2.daemon import follow, recovery
 from pmon2.daemon.follow import Follower, Kin, Refused, find_successor, read_pidfile, topmost
 from pmon2.daemon.policy import Status
 from pmon2.errors import BadRequest
 
 ME = os.geteuid()
+INST = recovery.Instance("inst", b"k" * recovery.KEY_BYTES)  # markers verify with its key
 
 
 # the pid file
@@ -140,6 +141,7 @@ class FakeProc:
         fields = [state, ppid, pgrp or pid, sid or pid, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 20, 0, 1, 0, start, 0, 0]
         (d / "stat").write_text(f"{pid} (proc {pid}) " + " ".join(map(str, fields)) + "\n")
         (d / "environ").write_bytes(b"".join(f"{k}={v}\0".encode() for k, v in (env or {}).items()))
+        (d / "status").write_text(f"Name:\tproc {pid}\nUid:\t{ME}\t{ME}\t{ME}\t{ME}\n")  # recovery.process_uid
         if exe is not None:
             (d / "exe").symlink_to(exe)
 
@@ -151,28 +153,30 @@ def proc(tmp_path: Path) -> FakeProc:
     return FakeProc(root)
 
 
-def search(proc: FakeProc, held: set[int] | None = None, exclude: set[int] | None = None, uid: int = ME,
+def search(proc: FakeProc, held: dict[int, int] | None = None, exclude: set[int] | None = None, uid: int = ME,
            **kw: Any) -> tuple[int | None, set[int]]:
-    kin = Kin(uid=uid, marker=("inst", 7), main=100, session=100, pgrp=100, known=held or set(),
+    kin = Kin(uid=uid, marker=(INST, 7), main=100, session=100, pgrp=100, known=held or {},
               others=dict.fromkeys(exclude or (), "other"), proc=str(proc.root))
     top, found = find_successor(kin, **({"since_ticks": 1000} | kw))
     return top, set(found)
 
 
 def test_a_successor_is_found_by_session_marker_or_held_pidfd_and_never_a_stranger(proc: FakeProc) -> None:
-    mark = {"PMON2_SERVICE": "inst:7"}
+    mark = {"PMON2_SERVICE": recovery.marker_value(INST, 7, ME)}
     proc.add(1, 0, 0)
     proc.add(100, 1, 1000, state="Z")  # the old main: exited
     proc.add(200, 1, 1200, sid=100, pgrp=100)  # re-exec'd without setsid: the old session and group
     proc.add(300, 1, 1300, env=mark)  # re-exec'd with setsid: found by its marker
     proc.add(301, 300, 1301, sid=300, pgrp=300, env=mark)  # its child: not topmost
     proc.add(400, 1, 1400)  # a stranger that started meanwhile
-    proc.add(401, 1, 1401, env={"PMON2_SERVICE": "inst:8"})  # another service's process
+    proc.add(401, 1, 1401, env={"PMON2_SERVICE": recovery.marker_value(INST, 8, ME)})  # another service's process
+    proc.add(403, 1, 1403, env={"PMON2_SERVICE": "inst:7"})  # a forged marker (no tag): a stranger
+    proc.add(404, 1, 1404, env={"PMON2_SERVICE": recovery.marker_value(INST, 7, ME + 1)})  # tagged for another uid
     proc.add(402, 1, 1402, env={"PMON2_SERVICE": "other:7"})  # another pmond's
     proc.add(50, 1, 500, env=mark)  # marked but older than the old main: a leftover, not a descendant
     top, found = search(proc)
     assert found == {200, 300, 301} and top == 200
-    top, found = search(proc, held={400})  # a child held by the reload window is one, marker or not
+    top, found = search(proc, held={400: 1400})  # a child held by the reload window is one, marker or not
     assert found == {200, 300, 301, 400}
     assert search(proc, exclude={200})[0] == 300, "another service's main process is never taken"
     assert search(proc, prefer_since=1250)[0] == 300, "in a window, those started after the signal first"
@@ -202,13 +206,22 @@ def test_a_daemon_that_rewrote_its_environment_is_found_by_its_executable(proc: 
     proc.add(95, 1, 20, exe=other)
     proc.add(810, 95, 1030, exe=exe)
     proc.add(820, 1, 1040, exe=exe, env={"PMON2_SERVICE": "another-pmond:3"})
+    # Strangers of the same uid and executable that kept an environment of their own, or have none: only
+    # a process that overwrote its environment area (the title's tail, NULs) lost its marker that way.
+    proc.add(830, 1, 1050, exe=exe, env={"HOME": "/root", "PATH": "/usr/bin"})
+    proc.add(840, 1, 1060, exe=exe)  # an empty environment (execve with env={})
+    for pid in (500, 810):
+        (proc.root / str(pid) / "environ").write_bytes(b"\0" * 64)  # nginx pads its title with NULs
     ident = follow.file_id(str(exe))
     top, found = search(proc, exe=ident, until_ticks=2000)
     assert top == 500 and found == {500}
+    assert follow.rewrote_environment(500, str(proc.root)) and not follow.rewrote_environment(830, str(proc.root))
     assert search(proc, exe=ident, until_ticks=2000, reapers=(1, 95))[1] == {500, 810}, "a subreaper's orphan"
     assert search(proc, exe=ident, until_ticks=2000, exe_since=1015)[1] == set(), \
         "in a reload window, an orphan from before the signal is no successor"
     assert search(proc)[0] is None, "without the executable to compare, nothing"
+    (proc.root / "840" / "environ").write_bytes(b"ess /usr/sbin/nginx\0\0")  # a long title's tail
+    assert search(proc, exe=ident, until_ticks=2000)[1] == {500, 840}
 
 
 # membership: systemd's rule for MAINPID= and pid files, on this process table (no fork)
@@ -404,3 +417,74 @@ def test_a_window_stops_looking_once_the_child_the_reload_forked_is_held(monkeyp
         main.wait()
         if main.stdout is not None:
             main.stdout.close()
+
+
+# REVIEW13 (FIX13A): what a pid alone, an exit inside a reload window and the executable rule may tell
+
+
+def test_a_known_pid_counts_only_with_its_start_time(proc: FakeProc) -> None:
+    """A process found at a handover, held or seen is known by pid and start time: a stranger that reuses
+    the number after it exited (another start time) is not the service's."""
+    proc.add(1, 0, 0)
+    proc.add(100, 1, 1000)
+    proc.add(300, 1, 1300)  # its own session and group, no marker: only `known` could make it the service's
+    kin = Kin(uid=ME, marker=(INST, 7), main=100, session=100, pgrp=100, known={300: 1300}, proc=str(proc.root))
+    assert kin.check(300)[1] is None
+    reused = Kin(uid=ME, marker=(INST, 7), main=100, session=100, pgrp=100, known={300: 1250},
+                 proc=str(proc.root))
+    why = reused.check(300)[1]
+    assert why is not None and "not a process of the service" in why
+
+
+def test_a_death_by_sigkill_or_a_fault_inside_a_reload_window_is_a_crash() -> None:
+    import signal
+
+    from pmon2.daemon.watch import ExitStatus
+
+    spec_ = {"stop_signal": "SIGTERM", "reload_signal": "USR2"}
+    assert follow.crashed(ExitStatus(None, signal.SIGKILL), spec_)
+    assert follow.crashed(ExitStatus(None, signal.SIGSEGV, core=True), spec_)
+    assert follow.crashed(ExitStatus(None, signal.SIGUSR1, core=True), spec_), "any death that dumped core"
+    assert not follow.crashed(ExitStatus(0, None), spec_), "the old copy's own exit ends the reload"
+    assert not follow.crashed(ExitStatus(None, signal.SIGTERM), spec_), "stopped by its successor"
+    assert not follow.crashed(ExitStatus(None, signal.SIGQUIT), spec_)
+    assert not follow.crashed(ExitStatus(None, signal.SIGKILL), {"stop_signal": "KILL"}), "its own stop signal"
+
+
+def test_the_executable_rule_holds_only_while_pmond_looks_and_only_after_its_last_look() -> None:
+    """Follower._exe_since: a reload window that is not settled gives its last look (never before the
+    signal); a settled one, or one that never looked, none; outside a window, the start window's last look
+    while its looking task runs, else none."""
+    import asyncio
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        tr = follow.Track(main=100, session=100, pgrp=100)
+        win = follow.Window(svc_id=1, main=100, deadline=loop.time() + 5, timeout=5, since_ticks=500,
+                            result=loop.create_future())
+        assert Follower._exe_since(tr, win) is None, "no look yet"
+        win.looked = 700
+        assert Follower._exe_since(tr, win) == 700
+        win.looked = 400
+        assert Follower._exe_since(tr, win) == 500, "never before the signal"
+        win.held = {1: -1} | {i: -1 for i in range(2, follow.HELD_MAX + 1)}
+        assert win.settled() and Follower._exe_since(tr, win) is None, "a settled window looks no more"
+        assert Follower._exe_since(tr, None) is None, "no start window"
+        tr.looked = 900
+        tr.start_task = loop.create_task(asyncio.sleep(10))
+        assert Follower._exe_since(tr, None) == 900
+        tr.start_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await tr.start_task
+        assert Follower._exe_since(tr, None) is None, "the start window is over"
+
+    asyncio.run(scenario())
+
+
+def test_a_pid_file_owned_by_root_is_refused_for_a_service_of_another_user(tmp_path: Path) -> None:
+    if ME != 0:
+        pytest.skip("needs root: a file of root's for another uid's service")
+    path = tmp_path / "a.pid"
+    path.write_text("4242\n")
+    got = read_pidfile(str(path), 4242)
+    assert isinstance(got, Refused) and "belongs to uid 0" in got

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from pmon2 import procfs
-from pmon2.daemon import follow, notify
+from pmon2.daemon import follow, notify, recovery
 from pmon2.daemon.follow import GONE, Kin, parse_pid
 from pmon2.daemon.notify import clean_status, parse, parse_usec
 from pmon2.daemon.policy import Status, Trigger
@@ -68,12 +68,20 @@ def fake_proc(root: Path, pid: int, *, pgrp: int, session: int, state: str = "S"
     d.mkdir(parents=True)
     fields = [state, "1", str(pgrp), str(session)] + ["0"] * 15 + ["777", "0", "0"]
     (d / "stat").write_text(f"{pid} (svc) " + " ".join(fields) + "\n")
+    if marker:  # "abc:7": pmond abc's service 7, tagged with the key as pmond tags it (recovery.marker_value)
+        instance, sid = marker.split(":")
+        marker = recovery.marker_value(recovery.Instance(instance, MARK_KEY), int(sid), 1000)
     env = b"PATH=/bin\0" + (f"PMON2_SERVICE={marker}\0".encode() if marker else b"")
     (d / "environ").write_bytes(b"" if state == "Z" else env)
+    (d / "status").write_text("Uid:\t1000\t1000\t1000\t1000\n")
+
+
+MARK_KEY = b"k" * recovery.KEY_BYTES
 
 
 def kin(proc: Path, main: int | None = 100) -> Kin:
-    return Kin(uid=1000, marker=("abc", 7), main=main, session=main, pgrp=main, proc=str(proc))
+    return Kin(uid=1000, marker=(recovery.Instance("abc", MARK_KEY), 7), main=main, session=main, pgrp=main,
+               proc=str(proc))
 
 
 def check(proc: Path, pid: int, uid: int = 1000, main: int | None = 100) -> str | None:

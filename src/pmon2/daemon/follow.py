@@ -15,7 +15,8 @@ has them):
   that child exits. A successor forked later, whose parent exits before the next look, is still found:
   by the old main's session and group, by its marker, or by its executable (below); only one that left
   the session, rewrote its environment and runs another executable needs the pidfd. The window closes at
-  the handover, at its deadline, or when the service stops or starts again, and the polling with it.
+  the handover, at its deadline, or when the service stops or starts again, and the polling with it. A
+  main killed inside it by SIGKILL or a fault (`crashed`) is a crash: its workers are no successor.
 - **`MAINPID=`** (sd_notify, daemon/notify.py) and **a pid file** (`pidfile`, systemd's `PIDFile=`): the
   pid they name is accepted only if that process belongs to the service (`Follower.membership`, systemd's
   rule) and then handed over to (`Supervisor._claim_main_pid`).
@@ -25,19 +26,21 @@ has them):
 - **the daemonize pattern**, without `pidfile`: the launched process exits 0 within the start window
   (`min_uptime`, at least DAEMONIZE_WINDOW_MIN = 1 s) and leaves live descendants. pmond follows the topmost
   of them (nginx's master, not a worker), and `desc` and `why` say so and suggest `--pidfile` or the
-  program's foreground flag.
+  program's foreground flag. During that start window pmond looks at the launched process's children on
+  the reload window's schedule, recording each by pid and start time (`Follower.launched`, no pidfd).
 
 Any other exit of the main process is a crash, as before. A handover starts nothing and kills nothing and
 leaves `restarts` as it was (Supervisor._hand_over).
 
 The successor is the topmost live process among the old main's descendants. Without a cgroup per service
 (none yet: the seam is `procfs.cgroup_pids`), pmond knows them by (`find_successor`):
-- the children held by pidfd during a reload window;
+- the children held by pidfd during a reload window, or seen during the start window (pid and start time);
 - the session or process group of the old main (a child that did not call setsid);
 - the PMON2_SERVICE=<instance id>:<service id> marker every process of a service inherits (recovery.py);
 - for a process that rewrote its environment (nginx overwrites it with its process title, marker and all):
-  a process reparented away from the old main (its parent started before the main did), running the main's
-  executable, started while the main ran.
+  an orphan (its parent is a reaper) running the main's executable, whose environment area was overwritten
+  (`rewrote_environment`), started after pmond's last look at the main's children while it still looked
+  (`Follower._exe_since`): anything older that was the main's child would have been held or seen.
 Every one of them must run as the service's uid and have started after the old main. Among them the
 topmost wins (its parent is not one of them); in a reload window those started after the signal come
 first (nginx's binary upgrade starts the new master at USR2, and the old one exits at a later QUIT, in a
@@ -62,15 +65,19 @@ import contextlib
 import errno
 import logging
 import os
+import re
+import signal
 import stat
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from pmon2 import procfs
-from pmon2.daemon import recovery, watch
+from pmon2.daemon import recovery, sockets, watch
 from pmon2.daemon.policy import Status
+from pmon2.errors import BadRequest, SpawnError
+from pmon2.signals import parse_signal
 from pmon2.spec import PID_MAX
 
 if TYPE_CHECKING:
@@ -126,13 +133,20 @@ class Window:
     since_ticks: int  # clock ticks after boot when it opened: a successor starts after it
     result: asyncio.Future[Handover]
     held: dict[int, int] = field(default_factory=dict)  # pid -> pidfd of the main's children (and theirs)
+    ticks: dict[int, int] = field(default_factory=dict)  # pid -> start ticks of those of `held`
     fresh: set[int] = field(default_factory=set)  # those of `held` started since the signal
+    looked: int | None = None  # boot ticks of the last look at the main's children (_hold_children)
     task: asyncio.Task[None] | None = None
 
     def settled(self) -> bool:
         """Whether looking at the main's children has done its work: a child started since the signal (what
         the reload forked) is held and still alive, or HELD_MAX are held."""
         return len(self.held) >= HELD_MAX or any(not watch.has_exited(self.held[pid]) for pid in self.fresh)
+
+    def live(self) -> dict[int, int]:
+        """pid -> start ticks of the held processes that have not exited: while a pidfd shows its process
+        alive, the number is that process's (after its exit it may be reused)."""
+        return {pid: self.ticks[pid] for pid, fd in self.held.items() if not watch.has_exited(fd)}
 
 
 @dataclass
@@ -144,7 +158,12 @@ class Track:
     pgrp: int
     handed: bool = False  # came from a handover: the daemonize pattern and Type=forking are a launch's alone
     leader_fd: int | None = None  # pidfd of its group's leader, when it leads no group of its own
-    known: set[int] = field(default_factory=set)  # descendants found at the last handover
+    known: dict[int, int] = field(default_factory=dict)  # pid -> start ticks of those found at the last handover
+    # The start window (Follower.launched): the launched process's children seen by its looks, as pid ->
+    # start ticks, the boot ticks of the last look, and the task that looks.
+    seen: dict[int, int] = field(default_factory=dict)
+    looked: int | None = None
+    start_task: asyncio.Task[None] | None = None
     window: Window | None = None
     followed: dict[str, Any] | None = None  # for desc and why
     pattern: str | None = None  # set just before a handover: "daemonize" or "forking"
@@ -158,6 +177,9 @@ class Track:
         if self.pidfile_task is not None:
             self.pidfile_task.cancel()
             self.pidfile_task = None
+        if self.start_task is not None:
+            self.start_task.cancel()
+            self.start_task = None
 
 
 def boot_ticks() -> int:
@@ -215,19 +237,37 @@ def carries_marker(pid: int, proc: str = "/proc") -> bool | None:
     return data.startswith(recovery.MARKER) or b"\0" + recovery.MARKER in data
 
 
+ENV_ENTRY = re.compile(rb"[A-Za-z_][A-Za-z0-9_]*=")
+
+
+def rewrote_environment(pid: int, proc: str = "/proc") -> bool:
+    """Whether process `pid` overwrote its environment area, as nginx and setproctitle(3)-style libraries do
+    with the process title: the area the kernel laid out at exec is not empty, yet does not begin with a
+    NAME=value entry (it begins with the title's tail or NULs). A process that merely runs with an empty or
+    a different environment (a stranger, a cron job) did not: it is no daemon of the service's that lost
+    its marker that way."""
+    try:
+        with open(f"{proc}/{pid}/environ", "rb") as fh:
+            head = fh.read(256)
+    except OSError:
+        return False
+    return bool(head) and ENV_ENTRY.match(head) is None
+
+
 @dataclass
 class Kin:
     """What the one rule of "is this process part of the service" compares a process with (`check`): the
     service's uid and marker (pmond's instance id, the service id), its main process with that process's
-    session and process group, pids known to be the service's (held by a reload window, found at the last
-    handover), and the other services' main processes (pid -> name), which are never the service's."""
+    session and process group, processes known to be the service's (held by a reload window, seen by a
+    start window, found at the last handover: pid -> start ticks, as a pid alone may have been reused since),
+    and the other services' main processes (pid -> name), which are never the service's."""
 
     uid: int
     marker: tuple[str, int]
     main: int | None = None
     session: int | None = None
     pgrp: int | None = None
-    known: Collection[int] = ()
+    known: Mapping[int, int] = field(default_factory=dict)  # pid -> start ticks
     others: dict[int, str] | Callable[[], dict[int, str]] = field(default_factory=dict)  # or made when needed
     proc: str = "/proc"
     _below: Collection[int] | None = None
@@ -248,10 +288,11 @@ class Kin:
         """(its stat, None) when process `pid` is the service's, else (stat or None, why not); why is GONE
         when it has exited and nothing tells whether it was the service's. The rule (systemd's, for a
         service without a cgroup of its own): it runs as the service's uid; it is not pmond nor init nor
-        another service's main process; and it is the main process, a pid known to be the service's, in
-        the main's session or process group, a descendant of the main through the ppid links, or it carries
-        the service's PMON2_SERVICE marker. An exited process counts by the first four only (its links and
-        environment are gone). `uid`: the kernel's word for it (SCM_CREDENTIALS), else /proc's owner.
+        another service's main process; and it is the main process, a process known to be the service's
+        (the same pid and start time), in the main's session or process group, a descendant of the main
+        through the ppid links, or it carries the service's PMON2_SERVICE marker. An exited process counts
+        by the first four only (its links and environment are gone). `uid`: the kernel's word for it
+        (SCM_CREDENTIALS), else /proc's owner.
 
         `sender` is the one looser variant: an sd_notify datagram may come from root too (a setuid helper
         of the service, or root speaking for it, as systemd's NotifyAccess= allows); it only speaks for the
@@ -271,7 +312,7 @@ class Kin:
             return st, f"process {pid} is not a process of the service"
         if pid in self.other_mains():
             return st, f"process {pid} is the main process of service {self.other_mains()[pid]}"
-        if pid in self.known or (self.session is not None and st.session == self.session) \
+        if self.known.get(pid) == st.starttime or (self.session is not None and st.session == self.session) \
                 or (self.pgrp is not None and st.pgrp == self.pgrp):
             return st, None
         if not st.alive:
@@ -291,10 +332,11 @@ def find_successor(kin: Kin, *, since_ticks: int, exe: tuple[int, int] | None = 
     `kin` (the old main's) takes as the service's; and, looser, since the main has exited and its links
     are gone, when `exe` ((st_dev, st_ino) of the main's executable) is given, an orphan of the main: a
     process of the service's uid running that executable, started between `exe_since` (default
-    `since_ticks`; a reload window gives its signal's time) and `until_ticks` (the main's exit), whose
-    parent is one of `reapers` (the pids that adopt the main's orphans: init, a subreaper), that carries
-    no PMON2_SERVICE marker at all (ours would have let `kin` take it; another service's or another
-    pmond's makes it theirs) and is not in pmond's own session. That is for a daemon that rewrote its
+    `since_ticks`; Follower._exe_since gives the last look at the main's children) and `until_ticks` (the
+    main's exit), whose parent is one of `reapers` (the pids that adopt the main's orphans: init, a
+    subreaper), that carries no PMON2_SERVICE marker at all (ours would have let `kin` take it; another
+    service's or another pmond's makes it theirs) and did overwrite its environment (rewrote_environment),
+    and is not in pmond's own session. That is for a daemon that rewrote its
     environment and with it its marker (nginx); the same interpreter runs many other programs (every
     Python service, every pmon2 command), hence each condition. `prefer_since`: in a reload window,
     those started after the signal come first (a copy forked at the signal, rather than a helper the old
@@ -310,7 +352,7 @@ def find_successor(kin: Kin, *, since_ticks: int, exe: tuple[int, int] | None = 
         if kin.check(pid, st=st)[1] is None or (
                 orphan and not pmonds_own(st) and pid not in kin.other_mains()
                 and file_id(f"{kin.proc}/{pid}/exe") == exe and uid_of(pid, kin.proc) == kin.uid
-                and carries_marker(pid, kin.proc) is False):
+                and carries_marker(pid, kin.proc) is False and rewrote_environment(pid, kin.proc)):
             found[pid] = st
     top = topmost(found, prefer_since) if prefer_since is not None else None
     return (top if top is not None else topmost(found)), found
@@ -323,6 +365,25 @@ def poll_delay(elapsed: float, last: float) -> float:
     if elapsed < POLL_FAST_S:
         return POLL_S
     return min(max(last, POLL_S) * POLL_GROWTH, POLL_MAX_S)
+
+
+# Deaths that end no reload: SIGKILL (the OOM killer, a user) and the faults that dump core. A reload's own
+# end (the old copy exits, or is stopped by its successor with SIGTERM, SIGQUIT, ...) is none of them.
+CRASH_SIGNALS = frozenset({signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL,
+                           signal.SIGFPE, signal.SIGSYS, signal.SIGTRAP, signal.SIGXCPU, signal.SIGXFSZ})
+
+
+def crashed(status: watch.ExitStatus, spec: dict[str, Any]) -> bool:
+    """Whether an exit inside a reload window is a crash, not the end of a reload: a death by one of
+    CRASH_SIGNALS or with a core dump, unless by the service's own stop or reload signal (`spec`)."""
+    if status.signal is None or not (status.core or status.signal in CRASH_SIGNALS):
+        return False
+    own = set()
+    for key in ("stop_signal", "reload_signal"):
+        with contextlib.suppress(BadRequest):
+            if spec.get(key):
+                own.add(int(parse_signal(spec[key])))
+    return status.signal not in own
 
 
 def pin(pid: int, starttime: int | None = None) -> int | None:
@@ -348,9 +409,10 @@ def read_pidfile(path: str, uid: int) -> int | str:
     """The pid a pid file names, or why not (a line for the ledger, never the file's content; a Refused one
     when the file is refused for what it is). The file may be written by the service's user, who is not
     trusted: opened with O_NOFOLLOW (a symlink is refused) and O_NONBLOCK (a FIFO cannot block pmond), it
-    must be a regular file of at most PIDFILE_MAX bytes owned by `uid`, root or pmond's own user, whose
-    first line is a pid (systemd reads the first line too). Missing, empty or not yet a number: a daemon
-    may be writing it."""
+    must be a regular file of at most PIDFILE_MAX bytes owned by `uid` (the service's: root only for a root
+    service), whose first line is a pid (systemd reads the first line too). Missing, empty or not yet a
+    number: a daemon may be writing it. The caller runs this as the service's user
+    (Follower._read_pidfile), so that a file that user could not read is never read."""
     try:
         # O_PATH first: opening a device for reading can act (a watchdog device arms, a tape rewinds), and
         # a service's user chooses the path; only a regular file is opened for reading, through this fd.
@@ -370,7 +432,7 @@ def read_pidfile(path: str, uid: int) -> int | str:
             return Refused(f"pid file {path} is not a regular file: refused")
         if st.st_size > PIDFILE_MAX:
             return Refused(f"pid file {path} is larger than {PIDFILE_MAX} bytes: refused")
-        if st.st_uid not in (uid, 0, os.geteuid()):
+        if st.st_uid != uid:
             return Refused(f"pid file {path} belongs to uid {st.st_uid}, not to the service's user: refused")
         fd = os.open(f"/proc/self/fd/{where}", os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
         data = os.read(fd, PIDFILE_MAX + 1)
@@ -405,6 +467,8 @@ class Follower:
         self.results: dict[int, Handover] = {}  # the last reload window's outcome, per service
         # (pid, start ticks) of the processes each service retired, newest last (retiring, retired)
         self.former: dict[int, collections.deque[tuple[int, int]]] = {}
+        # (user, group) of a spec -> the ids its pid file is read as (_read_pidfile); None: as pmond
+        self._identities: dict[tuple[str | None, str | None], tuple[int, int, list[int]] | None] = {}
 
     def marker(self, svc: Service) -> tuple[str, int]:
         return self.sup.instance_id, svc.id
@@ -506,9 +570,11 @@ class Follower:
 
     def _hold_children(self, win: Window) -> None:
         """Pin the main's children and theirs (and those of the children already held, which may have left
-        the main for a reaper) with pidfds: after the main exits their link to it is gone."""
+        the main for a reaper) with pidfds: after the main exits their link to it is gone. Records when it
+        looked (`Window.looked`, before reading: a process started since may have been missed)."""
         if len(win.held) >= HELD_MAX:
             return
+        win.looked = boot_ticks()
         for child, st in procfs.descendants([win.main, *win.held], HELD_MAX).items():
             if child in win.held:
                 continue
@@ -517,6 +583,7 @@ class Follower:
             fd = pin(child, st.starttime)  # pinned, and the same process that was found under the main
             if fd is not None:
                 win.held[child] = fd
+                win.ticks[child] = st.starttime
                 if st.starttime >= win.since_ticks:
                     win.fresh.add(child)
 
@@ -526,6 +593,7 @@ class Follower:
             with contextlib.suppress(OSError):
                 os.close(fd)
         win.held.clear()
+        win.ticks.clear()
         win.fresh.clear()
 
     def _finish(self, win: Window, outcome: Handover) -> None:
@@ -581,9 +649,9 @@ class Follower:
 
     def restore_window(self, svc: Service) -> None:
         """At the adoption of a running main process: the window a killed pmond recorded for this very
-        process, if it is still open, becomes its window again; closed (its polling gone with that pmond:
-        the marker, session, group and executable still find the successor at the main's exit). Read once
-        here, not at every exit: a crash's restart path does no file I/O for it."""
+        process, if it is still open, becomes its window again, and looks at the main's children again (what
+        the reload forked while no pmond looked is found by marker, session or group, not by executable).
+        Read once here, not at every exit: a crash's restart path does no file I/O for it."""
         directory = self._window_dir()
         if directory is None:
             return
@@ -599,12 +667,58 @@ class Follower:
             self._drop_window_record(svc.id)
             return
         loop = asyncio.get_running_loop()
-        self.track(svc).window = Window(svc_id=svc.id, main=main, deadline=loop.time() + left, timeout=timeout,
-                                        since_ticks=since, result=loop.create_future())
+        tr = self.track(svc)
+        win = tr.window = Window(svc_id=svc.id, main=main, deadline=loop.time() + left, timeout=timeout,
+                                 since_ticks=since, result=loop.create_future())
+        win.task = loop.create_task(self._poll(svc, tr, win))  # it looks again from now on (_exe_since)
 
     def result(self, svc: Service) -> dict[str, Any] | None:
         got = self.results.get(svc.id)
         return got.as_dict() if got is not None else None
+
+    # the start window (the daemonize pattern's) and the executable rule
+
+    def launched(self, svc: Service) -> None:
+        """pmond has just launched the service's main process (Supervisor._start): look at its children for
+        its start window (min_uptime, at least DAEMONIZE_WINDOW_MIN), on poll_delay's schedule, as a reload
+        window does, but with no pidfd: each child is recorded as pid -> start ticks (`Track.seen`), and when
+        it looked (`Track.looked`). No /proc read before this returns: the launch stays fast."""
+        tr = self.track(svc)
+        if tr.start_task is not None:
+            tr.start_task.cancel()
+            tr.start_task = None
+        if tr.handed or not svc.pid:
+            return
+        tr.start_task = asyncio.get_running_loop().create_task(self._look_at_start(svc, tr))
+
+    async def _look_at_start(self, svc: Service, tr: Track) -> None:
+        loop = asyncio.get_running_loop()
+        opened, delay = loop.time(), 0.0
+        end = opened + max(float(svc.spec.get("min_uptime", 1.0)), DAEMONIZE_WINDOW_MIN)
+        while svc.alive and svc.pid == tr.main and self.tracks.get(svc.id) is tr:
+            now = loop.time()
+            if now >= end:
+                return
+            tr.looked = boot_ticks()
+            for child, st in procfs.descendants([tr.main], HELD_MAX).items():
+                if len(tr.seen) < HELD_MAX:
+                    tr.seen.setdefault(child, st.starttime)
+            delay = poll_delay(now - opened, delay)
+            await asyncio.sleep(min(delay, end - now))
+
+    @staticmethod
+    def _exe_since(tr: Track, win: Window | None) -> int | None:
+        """From when (boot ticks) an orphan may be taken for the successor by its executable alone
+        (find_successor's `exe_since`), or None: not at all. Only while looking at the main's children is
+        going on (a reload window `win` not settled, or the start window), and only for a process started at
+        or after the last look: one started before it that was the main's child would have been held or
+        seen. That bounds the span in which a stranger of the same uid and executable could be taken to one
+        poll interval (POLL_MAX_S at most), instead of the whole window."""
+        if win is not None:
+            return max(win.since_ticks, win.looked) if win.looked is not None and not win.settled() else None
+        if tr.start_task is not None and not tr.start_task.done() and tr.looked is not None:
+            return tr.looked
+        return None
 
     # the main process's exit
 
@@ -623,11 +737,16 @@ class Follower:
         launched = not tr.handed
         early = launched and runtime is not None and runtime <= max(float(spec.get("min_uptime", 1.0)),
                                                                     DAEMONIZE_WINDOW_MIN)
-        # The cases: a reload window (any exit); a launch that exits 0, Type=forking (a pid file) or, early,
-        # the daemonize pattern; a followed process's exit when a pid file may name its successor.
-        status = watch.exit_status_now(pid, pidfd) if not in_window and launched and (pidfile is not None or early) \
+        # The cases: a reload window (any exit but a crash); a launch that exits 0, Type=forking (a pid file)
+        # or, early, the daemonize pattern; a followed process's exit when a pid file may name its successor.
+        status = watch.exit_status_now(pid, pidfd) if in_window or (launched and (pidfile is not None or early)) \
             else None
-        code = status.code if status is not None else None
+        if in_window and status is not None and crashed(status, spec):
+            # The OOM killer or a fault, not the end of a reload: whatever the main left is no successor.
+            self._end_window(tr, Handover(False, f"process {pid} was killed by {status.signal_name()}: a crash, "
+                                          "not a handover", pid))
+            return False
+        code = status.code if status is not None and not in_window else None
         forking = launched and pidfile is not None and code == 0
         daemonized = launched and pidfile is None and early and code == 0
         reread = pidfile is not None and (forking or in_window or not launched)
@@ -636,23 +755,26 @@ class Follower:
             return False
         tr.known.clear()
         self._reread_group(tr, pid, pidfd)  # a daemon's setsid after the handover moved it
-        # The successor search: the old main's session and group, the children a reload window held (not
-        # the descendants found at the last handover: stale by now), never another service's main.
+        # The successor search: the old main's session and group, the children a reload window held or a
+        # start window saw (not the descendants found at the last handover: stale by now), never another
+        # service's main.
         kin = Kin(uid=svc.uid, marker=self.marker(svc), main=pid, session=tr.session, pgrp=tr.pgrp,
-                  known=set(win.held) if win is not None else set(), others=self._other_mains(svc))
+                  known=tr.seen | (win.live() if win is not None else {}), others=self._other_mains(svc))
         # Who adopts the main's orphans: init, pmond's own reaper (a subreaper such as systemd --user
         # adopts pmond's services too), and the main's parent when its zombie still says.
         gone = procfs.read_stat(pid)
         reapers = {1, os.getppid()} | ({gone.ppid} if gone is not None and not watch.reaped(pidfd) else set())
         since = win.since_ticks if in_window and win is not None else None
-        top, found = find_successor(kin, since_ticks=self._start_ticks(svc), exe=file_id(spec["exe"]),
-                                    until_ticks=boot_ticks() + 1, exe_since=since, reapers=reapers,
+        exe_since = self._exe_since(tr, win if in_window else None)
+        top, found = find_successor(kin, since_ticks=self._start_ticks(svc),
+                                    exe=file_id(spec["exe"]) if exe_since is not None else None,
+                                    until_ticks=boot_ticks() + 1, exe_since=exe_since, reapers=reapers,
                                     prefer_since=since)
-        tr.known = set(found)
+        tr.known = {p: st.starttime for p, st in found.items()}
         refused, tried = False, set()
         if reread:
             assert pidfile is not None
-            named = read_pidfile(pidfile, svc.uid)
+            named = self._read_pidfile(svc, pidfile)
             if isinstance(named, Refused):
                 self.sup._event(svc, "reload", str(named), pidfile=pidfile, refused=True)
                 refused = True
@@ -691,7 +813,7 @@ class Follower:
                 if svc.id not in self.sup.services or not svc.alive or svc.status not in (Status.RUNNING,
                                                                                            Status.STARTING):
                     return
-                named = read_pidfile(path, svc.uid)
+                named = self._read_pidfile(svc, path)
                 if named == svc.pid:
                     return
                 if isinstance(named, Refused):
@@ -716,6 +838,19 @@ class Follower:
 
         self.track(svc).pidfile_task = asyncio.get_running_loop().create_task(poll())
 
+    def _read_pidfile(self, svc: Service, path: str) -> int | str:
+        """read_pidfile as the service's user (its uid, gid and groups, when pmond is root and the service
+        runs as another user): a pid file is a path the service's user chose, and pmond must read nothing
+        that user could not (nor tell whether it exists, its type or size, beyond what that user may see)."""
+        key = (svc.spec.get("user"), svc.spec.get("group"))
+        if key not in self._identities:
+            try:
+                self._identities[key] = sockets._identity(svc.spec)
+            except SpawnError as exc:
+                return Refused(f"pid file {path} not read: {exc.message}")
+        with sockets._acting_as(self._identities[key]):
+            return read_pidfile(path, svc.uid)
+
     def _pidfile_path(self, svc: Service) -> str | None:
         path = svc.spec.get("pidfile")
         return os.path.normpath(os.path.join(svc.spec["cwd"], path)) if path else None
@@ -731,12 +866,12 @@ class Follower:
     def kin(self, svc: Service) -> Kin:
         """What the membership rule (Kin.check) compares a process with for the service now: its current
         main process (none when it runs none), that one's session and group, the pids a reload window holds
-        or the last handover found."""
+        or a start window saw, or the last handover found (by pid and start time)."""
         others = lambda: self._other_mains(svc)  # noqa: E731 - made only when a check gets that far
         if not svc.alive or not svc.pid:
             return Kin(uid=svc.uid, marker=self.marker(svc), others=others)
         tr = self.track(svc)
-        known = set(tr.known) | (set(tr.window.held) if tr.window is not None else set())
+        known = tr.known | tr.seen | (tr.window.live() if tr.window is not None else {})
         return Kin(uid=svc.uid, marker=self.marker(svc), main=svc.pid, session=tr.session, pgrp=tr.pgrp,
                    known=known, others=others)
 
@@ -806,7 +941,7 @@ class Follower:
         st = procfs.read_stat(pid)
         session, pgrp = (st.session, st.pgrp) if st is not None else (pid, pid)
         pattern = prev.pattern if prev is not None else None
-        known = set(prev.known) if prev is not None else set()
+        known = dict(prev.known) if prev is not None else {}
         leader = None
         if pgrp != pid:
             if prev is not None and pgrp == prev.pgrp and prev.leader_fd is not None:
@@ -895,11 +1030,41 @@ class Follower:
             return None
         return dict(tr.followed)
 
+    def _named_after_restart(self, svc: Service, st: procfs.Stat) -> bool:
+        """Whether process `st`, named by the service's pid file after a restart of pmond, may be adopted as
+        its main process: by the membership rule with no main to compare with (Kin.check: its uid, never
+        pmond nor its launcher nor another service's main, its verified marker); or, for a daemon that
+        rewrote its environment, one that carries no marker at all (another service's or another pmond's
+        makes it theirs), whose parent is a reaper (it left whatever started it) and that runs the service's
+        executable. Other services' mains are those of the database too: the rows not loaded yet."""
+        others = self._recorded_mains(svc)
+        if st.pid in others or st.pid == os.getpid() or pmonds_own(st):
+            return False
+        _, why = Kin(uid=svc.uid, marker=self.marker(svc), others=others).check(st.pid, st=st)
+        if why is None:
+            return True
+        return why != GONE and uid_of(st.pid) == svc.uid and carries_marker(st.pid) is False \
+            and st.ppid in (1, os.getppid()) and file_id(f"/proc/{st.pid}/exe") == file_id(svc.spec["exe"])
+
+    def _recorded_mains(self, svc: Service) -> dict[int, str]:
+        """pid -> name of the other services' main processes: those running, and those the database
+        records (at start-up, the rows not loaded yet), each by pid and start time. For start-up only."""
+        mains = self._other_mains(svc)
+        store = getattr(self.sup, "store", None)
+        if store is not None:
+            for row in store.load_services():
+                pid, ticks = row.get("pid"), row.get("start_ticks")
+                if row["id"] != svc.id and pid and pid not in mains:
+                    st = procfs.read_stat(pid)
+                    if st is not None and st.starttime == ticks:
+                        mains[pid] = row["name"]
+        return mains
+
     def after_restart(self, svc: Service, marked: list[int], record_ticks: int | None) -> tuple[int, int, str] | None:
         """pmond restarted, the recorded main process is gone: a successor to adopt rather than start a
         duplicate (pmond was killed during a handover). (pid, pidfd, why) of the topmost process that carries
-        the service's marker, or that its pid file names, runs as its uid and started after the recorded
-        main; None if there is none."""
+        the service's marker, or that its pid file names (and _named_after_restart accepts), runs as its uid
+        and started after the recorded main; None if there is none."""
         if svc.status not in (Status.RUNNING, Status.STARTING, Status.STOPPING) or svc.start_ticks is None \
                 or svc.boot_id != procfs.boot_id():
             return None
@@ -912,10 +1077,10 @@ class Follower:
         top = topmost(members)
         path = self._pidfile_path(svc)
         if path is not None:
-            named = read_pidfile(path, svc.uid)
+            named = self._read_pidfile(svc, path)
             st = procfs.read_stat(named) if isinstance(named, int) else None
-            if st is not None and st.alive and st.starttime >= since and uid_of(st.pid) == svc.uid and (
-                    st.pid in members or file_id(f"/proc/{st.pid}/exe") == file_id(svc.spec["exe"])):
+            if st is not None and st.alive and st.starttime >= since and (
+                    st.pid in members or self._named_after_restart(svc, st)):
                 top = st.pid
                 members.setdefault(st.pid, st)
         if top is None:
@@ -924,3 +1089,18 @@ class Follower:
         if fd is None:
             return None
         return top, fd, f"found after pmond restarted: process {svc.pid} is gone"
+
+    def held_pidfds(self, svc: Service) -> dict[int, int]:
+        """{pid: a new pidfd} of each process the service's open reload window holds that has not exited
+        (the successor a reload forked, even one that called setsid): a stop signals them beside the main's
+        group (sweep.py). The caller closes the pidfds."""
+        tr = self.tracks.get(svc.id)
+        win = tr.window if tr is not None else None
+        out: dict[int, int] = {}
+        for pid, fd in (win.held.items() if win is not None else ()):
+            if not watch.has_exited(fd):
+                try:
+                    out[pid] = os.dup(fd)
+                except OSError:
+                    break
+        return out

@@ -168,6 +168,29 @@ class Gates:
 _GATES: weakref.WeakKeyDictionary[Any, Gates] = weakref.WeakKeyDictionary()
 
 
+# A plain `stop` or `del` of a member whose new process is being waited for (holding its lock) ends that
+# wait at once (`halt`): the new process is stopped (the stop signal), and the stop goes on with the old.
+
+
+@dataclass
+class _Roll:
+    svc: Service
+    cancel: asyncio.Event  # also svc.escalate: `stop -f` / `del -f` set it
+    halted: str | None = None  # "stopped" / "deleted": a plain stop or del set `cancel`
+
+
+_ROLLS: dict[int, _Roll] = {}  # id(Service) -> the roll waiting for its new process now
+
+
+def halt(svc: Service, what: str) -> None:
+    """A user's `stop` or `del` (`what`: "stopped", "deleted") of `svc`: a roll waiting for its new
+    process to get ready gives up at once, its new process stopped gracefully. No-op without one."""
+    roll = _ROLLS.get(id(svc))
+    if roll is not None and roll.svc is svc and not roll.cancel.is_set():
+        roll.halted = what
+        roll.cancel.set()
+
+
 # the entry points: Supervisor.restart and the API's reload
 
 
@@ -291,26 +314,37 @@ async def _start_beside(sup: Supervisor, svc: Service) -> None:
 
     loop.add_reader(watch_fd, on_exit)
     cancel = svc.escalate = asyncio.Event()  # `stop -f` / `del -f` meanwhile: give up at once
+    roll = _ROLLS[id(svc)] = _Roll(svc, cancel)  # a plain `stop` / `del` meanwhile: give up too (halt)
     try:
         sup._event(svc, "roll", f"started process {pid} beside process {old_pid}; waiting until it is ready",
                    pid=pid, old_pid=old_pid)
         result = await watch.unless(cancel, wait_new_ready(sup, svc, pid, exited, timeout),
                                     probes.Result(False, "cancelled by stop -f"))
+        if _ROLLS.get(id(svc)) is roll:
+            del _ROLLS[id(svc)]
+        if not result.ok and roll.halted is not None:
+            result = probes.Result(False, f"{svc.name} was {roll.halted} during the roll")
         if result.ok and exited.is_set():
             result = probes.Result(False, "the process exited")
         if not result.ok:
-            if exited.is_set():
+            force = cancel.is_set() and roll.halted is None
+            if roll.halted is not None:
+                reason = f"{svc.name} was {roll.halted}; new process {pid} was not ready yet"
+            elif exited.is_set():
                 reason = f"new process {pid} {_exit_words(pid, pidfd)} before it was ready"
             elif result.detail.startswith("not ready"):
                 reason = f"new process {pid} {result.detail}"
             else:
                 reason = f"new process {pid} not ready: {result.detail}"
-            sup._event(svc, "roll", f"roll stopped: {reason}; process {old_pid} keeps serving",
+            keeps = "is stopped with it" if roll.halted is not None else "keeps serving"
+            sup._event(svc, "roll", f"roll stopped: {reason}; process {old_pid} {keeps}",
                        pid=pid, old_pid=old_pid, reason=result.detail)
             retiring, pidfd = pidfd, -1
-            await retire(sup, svc, pid, retiring, "not ready", force=cancel.is_set())
+            if not force:  # a `stop -f` during the graceful stop of the new process still cuts it short
+                cancel = svc.escalate = asyncio.Event()
+            await retire(sup, svc, pid, retiring, "not ready", force=force, escalate=cancel)
             sup.launches.remove(svc.id, SURGE)
-            raise RollStopped(f"{reason}; it was stopped, and process {old_pid} keeps serving", reason)
+            raise RollStopped(f"{reason}; it was stopped, and process {old_pid} {keeps}", reason)
         try:
             sup.launches.write(LaunchRecord(svc.id, old_pid, old_ticks, old_boot or boot, svc.name), RETIRE)
         except OSError as exc:
@@ -328,6 +362,8 @@ async def _start_beside(sup: Supervisor, svc: Service) -> None:
         sup._event(svc, "roll", f"process {pid} replaces process {old_pid}, which "
                    + ("had exited" if crashed else "is stopping"), pid=pid, old_pid=old_pid, restarts=svc.restarts)
     finally:
+        if _ROLLS.get(id(svc)) is roll:
+            del _ROLLS[id(svc)]
         if svc.escalate is cancel:
             svc.escalate = None
         loop.remove_reader(watch_fd)
@@ -396,24 +432,24 @@ def hand_over(sup: Supervisor, svc: Service, pid: int, pidfd: int, why: str) -> 
 
 
 async def retire(sup: Supervisor, svc: Service, pid: int, pidfd: int, why: str, force: bool = False,
-                 group: tuple[int, int] | None = None) -> None:
+                 group: tuple[int, int] | None = None, escalate: asyncio.Event | None = None) -> None:
     """Stop process `pid` and its process group, which is not (or no longer) the service's main process, as a
     stop does: stop_signal, kill_timeout, then SIGKILL. Returns once `pid` has exited and nothing of the
     group runs. Takes `pidfd`. `group`: (pgid, a pidfd to signal it through), also taken, when `pid` leads
-    no group of its own (Follower.group, before the hand over); default: the group `pid` leads.
-    (A named point of the crash harness: "mid-roll-retiring".)"""
+    no group of its own (Follower.group, before the hand over); default: the group `pid` leads. `escalate`
+    set meanwhile: SIGKILL at once. (A named point of the crash harness: "mid-roll-retiring".)"""
     pgid, group_fd = group if group is not None else (pid, pidfd)
     if not watch.has_exited(pidfd):  # its last words on the notify socket (STOPPING=1) are no refusal
         sup.follow.retiring(svc, pid)
     try:
-        await _retire(sup, svc, pid, pidfd, pgid, group_fd, why, force)
+        await _retire(sup, svc, pid, pidfd, pgid, group_fd, why, force, escalate)
     finally:
         if group_fd != pidfd:
             os.close(group_fd)
 
 
 async def _retire(sup: Supervisor, svc: Service, pid: int, pidfd: int, pgid: int, group_fd: int, why: str,
-                  force: bool) -> None:
+                  force: bool, escalate: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     exited = asyncio.Event()
 
@@ -431,7 +467,7 @@ async def _retire(sup: Supervisor, svc: Service, pid: int, pidfd: int, pgid: int
     try:
         sig = signal.SIGKILL if force else parse_signal(svc.spec["stop_signal"])
         sup._event(svc, "roll", f"sending {sig.name} to process group {pgid} ({why})", pid=pid, signal=sig.name)
-        if await watch.stop_group(group_fd, pgid, exited, sig, svc.spec["kill_timeout"],
+        if await watch.stop_group(group_fd, pgid, exited, sig, svc.spec["kill_timeout"], escalate=escalate,
                                   note_kill=lambda text: sup._event(svc, "kill", text, pid=pid)):
             sup._event(svc, "roll", f"process {pid} {_exit_words(pid, pidfd)}: stopped, {why}", pid=pid)
         else:

@@ -64,7 +64,8 @@ class LaunchSpec:
     # pmond's own log dir: logs in it are created by pmond and given to the service's user; any other
     # log is opened as the service's user (launcher.open_log).
     trusted_log_dir: str | None = None
-    # When set, the service's PMON2_SERVICE (instance:id): a mark on its process that pmond can tell.
+    # When set, the service's PMON2_SERVICE (instance:id:tag, recovery.marker_value): a mark on its process
+    # that pmond can tell, and that no one without pmond's key can forge.
     marker: str = ""
     group: str | None = None  # systemd's Group=: the primary group, instead of the user's own
     # Listening sockets pmond holds (daemon/sockets.py), passed as fds 3, 4, ... in this order; with any,

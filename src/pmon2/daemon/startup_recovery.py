@@ -1,5 +1,7 @@
 """Start-up reconciliation: after pmond (re)starts, the database, the launch records and the processes
-that carry this pmond's marker are brought into agreement (`recover`).
+that carry this pmond's marker are brought into agreement (`recover`). A marker counts only when its tag
+verifies (recovery.marker_of): a process of any user can claim any marker, and one it made up must never
+make pmond refuse to start, nor be stopped or rebuilt as a service.
 
 Kept apart from supervisor.py, which it uses through the service table's own steps (the store, launch
 records, the watch, `_event`), so that the table stays small; Supervisor.recover delegates here. Not in
@@ -28,14 +30,17 @@ async def recover(sup: Supervisor, rebuild: bool = False) -> list[dict[str, Any]
     """Load every service; take back those still running, start those that died meanwhile.
 
     Reconciles three sources: the database, the launch records (written before any process may
-    run) and the processes that carry this pmond's marker. A process whose identity matches is
+    run) and the processes that carry this pmond's marker, verified. A process whose identity matches is
     adopted; the leftovers of a deleted service are stopped; a running service that the database
     does not know means the database was emptied or rolled back: pmond refuses to start (StoreError)
     unless `rebuild` (`pmon2 daemon recover`), which rebuilds those services from their processes.
     Returns what `rebuild` restored, and what it could not: a list of {"id", "name", "pid", "restored":
     true, "not_restored": [what the process could not tell]} or {"id", ("name", "pid",) "restored": false,
     "why"}; empty without `rebuild`. Called once, before pmond serves. Raises StoreError (one line, naming
-    the lost services and commands) when the database lost writes and `rebuild` is false."""
+    the lost services and commands) when the database lost writes and `rebuild` is false; PmonError when
+    the marker key cannot be read or made (recovery.load_key)."""
+    # First: until the key is set no marker verifies, and a service launched would carry an unsigned one.
+    sup.instance_id.key = recovery.load_key(sup.config.paths.data_dir)
     boot = procfs.boot_id()
     records = sup.launches.load()
     rows = sup.store.load_services()

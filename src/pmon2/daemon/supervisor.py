@@ -24,7 +24,7 @@ from typing import Any
 from pmon2 import procfs
 from pmon2 import spec as model
 from pmon2.config import Config
-from pmon2.daemon import auth, events, follow, instances, notify, recovery, rolling, sockets, spawn, watch
+from pmon2.daemon import auth, events, follow, instances, notify, recovery, rolling, sockets, spawn, sweep, watch
 from pmon2.daemon.launches import LaunchRecord, LaunchRecords
 from pmon2.daemon.persist import NotSaved, Persist
 from pmon2.daemon.policy import RestartPolicy, Status, Trigger, step
@@ -98,7 +98,9 @@ class Supervisor:
                  launcher: spawn.Launcher | None = None) -> None:
         self.launcher = launcher  # None: pmond forks each intermediate itself
         self.bus = events.Bus()  # every event, live, after the ledger write (_event; events.py)
-        self.instance_id = instance_id(config.paths.data_dir)
+        # Its str is the instance id; its key, which signs the markers of the services it launches
+        # (recovery.py), is read from the data dir by `recover`, before anything is launched or checked.
+        self.instance_id = recovery.Instance(instance_id(config.paths.data_dir), b"")
         self.launches = LaunchRecords(os.path.join(config.paths.run_dir, "launches"))
         self.notify = notify.Notify(self, os.path.join(config.paths.run_dir, "notify"))  # sd_notify sockets
         self.sockets = sockets.Sockets(self._event, lambda: self.services.values())  # `listen` (sockets.py)
@@ -590,7 +592,8 @@ class Supervisor:
         return spawn.LaunchSpec(exe=s["exe"], argv=argv, cwd=s["cwd"], env=env,
                                 out_log=s["out_log"], err_log=s["err_log"], user=s["user"],
                                 trusted_log_dir=self.config.paths.log_dir,
-                                marker=f"{getattr(self, 'instance_id', '')}:{svc.id}", group=s.get("group"),
+                                marker=recovery.marker_value(getattr(self, "instance_id", ""), svc.id, svc.uid),
+                                group=s.get("group"),
                                 fds=fds)
 
     async def _start(self, svc: Service, *, user_initiated: bool, restart: bool = False,
@@ -620,6 +623,7 @@ class Supervisor:
         svc.cpu_sample = None
         self._transition(svc, Trigger.SPAWNED)
         self._watch(svc, launched.pid, launched.pidfd)
+        self.follow.launched(svc)  # its start window: the children it forks are seen (follow.py)
         self._save(svc, "status", "pid", "start_ticks", "boot_id", "started_at", "restarts", "fast_exits",
                    "retry_at", "last_error")
         self._event(svc, "restart" if restart else "start", f"started process {launched.pid}",
@@ -648,6 +652,7 @@ class Supervisor:
         runtime = now - svc.started_at if svc.started_at else None
         svc.pidfd = None  # the watcher keeps it until the status is known, then closes it
         svc.exited.set()
+        exit_ticks = follow.boot_ticks()  # before the restart begins: what starts later is not left over
         if svc.status is not Status.STOPPING:
             # Leftovers of a crashed service's group would hold its ports and files. (A stop gives them
             # their grace time instead: _terminate.)
@@ -679,6 +684,8 @@ class Supervisor:
         ev = self._exit_event(svc, pid, runtime)
         self._save(svc, "status", "pid", "started_at", "last_exit", "fast_exits", "retry_at")
         self._after_decision(svc, retry_in)
+        # Its processes outside the group (setsid) too, once the restart is under way (sweep.py).
+        self._spawn_task(sweep.after_crash(self, svc, exit_ticks))
         return ev, runtime
 
     def _after_decision(self, svc: Service, retry_in: float | None) -> None:
@@ -841,31 +848,46 @@ class Supervisor:
     async def _terminate(self, svc: Service, force: bool) -> None:
         """Stop the service as systemd's KillMode=control-group does: the stop signal goes to its whole
         process group, the whole group gets `kill_timeout` (even after the main process has exited),
-        then SIGKILL goes to what is left. Returns as soon as nothing of the group runs. A `stop -f`
-        meanwhile (svc.escalate) sends SIGKILL at once."""
+        then SIGKILL goes to what is left. Its processes outside that group (a reload window's successor,
+        a child that called setsid) are stopped as well (sweep.py): the window's held ones get the signal
+        with the group, the marked ones once the group is gone. Returns as soon as nothing of the service
+        runs. A `stop -f` meanwhile (svc.escalate) sends SIGKILL at once."""
         self._cancel_retry(svc)
-        if not svc.alive:
-            if svc.status is not Status.STOPPED:
-                self._event(svc, "stop", f"stopped (was {svc.status}, no process running)")
-                self._transition(svc, Trigger.STOP)
-                svc.retry_at = None
-                self._save(svc, "status", "retry_at")
-            return
-        assert svc.pid is not None and svc.pidfd is not None
-        pid, group = self.follow.group(svc, svc.pid, svc.pidfd)  # a followed main may lead no group (follow.py)
-        group = os.dup(group)  # pins the group's identity past the main process's exit and reaping
+        sig = signal.SIGKILL if force else parse_signal(svc.spec["stop_signal"])
         escalate = svc.escalate = asyncio.Event()
+        held: dict[int, int] = {}
         try:
-            self._transition(svc, Trigger.STOP)
-            self._save(svc, "status")
-            sig = signal.SIGKILL if force else parse_signal(svc.spec["stop_signal"])
-            self._event(svc, "stop", f"sending {sig.name} to process group {pid}", pid=pid, signal=sig.name)
-            if not await watch.stop_group(group, pid, svc.exited, sig, svc.spec["kill_timeout"], escalate=escalate,
-                                          note_kill=lambda text: self._event(svc, "kill", text, pid=pid)):
-                raise PmonError(f"process group {pid} of {svc.name} did not die after SIGKILL "
-                                "(stuck in the kernel?)")
+            if not svc.alive:
+                if svc.status is not Status.STOPPED:
+                    self._event(svc, "stop", f"stopped (was {svc.status}, no process running)")
+                    self._transition(svc, Trigger.STOP)
+                    svc.retry_at = None
+                    self._save(svc, "status", "retry_at")
+                # What a crash left behind (its sweep may not have run yet) goes too.
+                await sweep.stop_leftovers(self, svc, held, sig, escalate=escalate)
+                return
+            assert svc.pid is not None and svc.pidfd is not None
+            pid, group = self.follow.group(svc, svc.pid, svc.pidfd)  # a followed main may lead no group (follow.py)
+            group = os.dup(group)  # pins the group's identity past the main process's exit and reaping
+            try:
+                held = self.follow.held_pidfds(svc)  # taken now: the main's exit closes the window's
+                self._transition(svc, Trigger.STOP)
+                self._save(svc, "status")
+                self._event(svc, "stop", f"sending {sig.name} to process group {pid}", pid=pid, signal=sig.name)
+                for fd in held.values():
+                    watch.send_signal(fd, sig)
+                if not await watch.stop_group(group, pid, svc.exited, sig, svc.spec["kill_timeout"],
+                                              escalate=escalate,
+                                              note_kill=lambda text: self._event(svc, "kill", text, pid=pid)):
+                    raise PmonError(f"process group {pid} of {svc.name} did not die after SIGKILL "
+                                    "(stuck in the kernel?)")
+            finally:
+                os.close(group)
+            await sweep.stop_leftovers(self, svc, held, signal.SIGKILL if escalate.is_set() else sig,
+                                       escalate=escalate)
         finally:
-            os.close(group)
+            for fd in held.values():  # left only when the sequence was cut short
+                os.close(fd)
             if svc.escalate is escalate:
                 svc.escalate = None
 
@@ -886,6 +908,7 @@ class Supervisor:
         svc = self.find(ref)
         if force and svc.escalate is not None:
             svc.escalate.set()  # a graceful stop holds the lock: cut it short rather than wait behind it
+        rolling.halt(svc, "stopped")  # a roll waiting for its new process holds the lock: it gives up now
         async with svc.lock:
             await self._commit_desired(svc, "stopped")
             await self._terminate(svc, force)
@@ -937,6 +960,7 @@ class Supervisor:
         svc = self.find(ref)
         if force and svc.escalate is not None:
             svc.escalate.set()
+        rolling.halt(svc, "deleted")
         async with svc.lock:
             # Stopped for good first: if the row cannot be deleted afterwards, the next pmond still
             # leaves it stopped, and the user is told.
@@ -1214,8 +1238,9 @@ def check_user(user: str) -> None:
 def instance_id(data_dir: str) -> str:
     """Tells this pmond apart from the pmonds of other users and other PMON2_HOMEs on the machine: a
     64-bit FNV-1a hash of pmond's uid and its data dir, in hex. Each service carries
-    PMON2_SERVICE=<instance id>:<service id>, so its processes can be told apart even when the database
-    is lost. (Not hashlib: its OpenSSL costs pmond 3.4 MB of resident memory.)"""
+    PMON2_SERVICE=<instance id>:<service id>:<tag>, so its processes can be told apart even when the
+    database is lost. Anyone can compute it: the tag, made with pmond's secret key, is what authenticates
+    a marker (recovery.py). (Not hashlib: its OpenSSL costs pmond 3.4 MB of resident memory.)"""
     value = 0xCBF29CE484222325
     for byte in f"{os.geteuid()}:{os.path.realpath(data_dir)}".encode():
         value = ((value ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
