@@ -488,3 +488,13 @@ def test_a_pid_file_owned_by_root_is_refused_for_a_service_of_another_user(tmp_p
     path.write_text("4242\n")
     got = read_pidfile(str(path), 4242)
     assert isinstance(got, Refused) and "belongs to uid 0" in got
+
+
+def test_the_start_window_looks_ever_less_often() -> None:
+    """Every launch has a start window (1,000 at once for an applied file): 7 looks in its first second,
+    from 10 ms, each wait twice the last."""
+    waits, delay = [], 0.0
+    while sum(waits) < 1.0:
+        delay = follow.start_look_delay(delay)
+        waits.append(delay)
+    assert waits[:3] == [0.01, 0.02, 0.04] and len(waits) == 7
