@@ -263,6 +263,18 @@ class Pmon:
 
 
 @pytest.fixture
+def pub() -> Iterator[Path]:
+    """A 0755 dir under /tmp that user nobody can enter (a test's home is root's, 0700): the scripts and cwd
+    of services that run as nobody."""
+    path = Path(tempfile.mkdtemp(prefix="pmpub", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def pmon() -> Iterator[Pmon]:
     home = Path(tempfile.mkdtemp(prefix="pm", dir="/tmp"))
     helper = Pmon(home)

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import signal
 import stat
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,17 +24,6 @@ SECRET = b"root only, do not append\n"
 @pytest.fixture
 def nobody() -> pwd.struct_passwd:
     return pwd.getpwnam("nobody")
-
-
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    """A 0755 dir that nobody can enter: the services' scripts and cwd (the test's home is 0700 root)."""
-    path = Path(tempfile.mkdtemp(prefix="pmpub", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def secret_file(directory: Path) -> Path:

@@ -15,8 +15,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,17 +105,6 @@ class Svc:
     def events(self, kind: str) -> list[str]:
         return [r["message"] for r in self.pmon.db_rows(
             "SELECT message FROM events WHERE service = ? AND kind = ? ORDER BY id", (self.name, kind))]
-
-
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    """A 0755 dir that nobody may enter (the test's home is root's, 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="pmnotify", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 def send(path: str, text: str) -> None:

@@ -7,12 +7,9 @@ Real pmonds and real processes through the `pmon` fixture."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
-import tempfile
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -95,17 +92,6 @@ def test_a_starting_service_that_died_while_pmond_was_down_is_started_again(pmon
     assert back["status"] == "starting" and back["restarts"] == 1
     down = [e for e in events(pmon, "gone") if e["kind"] == "exit" and e["data"].get("while_down")]
     assert down, "its death while pmond was down is recorded"
-
-
-@pytest.fixture
-def pub() -> Iterator[Path]:
-    """A 0755 dir that nobody can enter (the test's home is root's)."""
-    path = Path(tempfile.mkdtemp(prefix="pmpub", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @needs_root
