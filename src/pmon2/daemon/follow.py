@@ -91,6 +91,7 @@ POLL_GROWTH = 1.5
 POLL_MAX_S = 0.25  # ... up to this: 4 looks a second for the rest of a window that hands nothing over
 SETTLED_S = 1.0  # a settled window checks this often (a poll(2) per pidfd, no /proc) that its child lives
 HELD_MAX = 128  # pidfds held per reload window (a prefork server's workers are children too)
+REGROUP_LOOKS_S = (0.05, 0.25, 1.0)  # after a handover to a main that leads no group: when to read its group again
 DAEMONIZE_WINDOW_MIN = 1.0  # the start window of the daemonize pattern: min_uptime, at least this, seconds
 PIDFILE_MAX = 4096  # bytes; a pid file is a line with a number
 PIDFILE_POLL_S = 0.02  # how often a pid file not yet written is read again
@@ -973,7 +974,17 @@ class Follower:
         elif pattern == "forking":
             extra = {"pattern": "forking"}
         tr.followed = {"pid": pid, "from_pid": old_pid, "why": why, "at": time.time(), **extra}
+        if pgrp != pid:  # it may call setsid in a moment (nginx, after its parent's exit): look again then
+            loop = asyncio.get_running_loop()
+            for delay in REGROUP_LOOKS_S:
+                loop.call_later(delay, self._regroup, svc, tr)
         return extra
+
+    def _regroup(self, svc: Service, tr: Track) -> None:
+        """A followed main that led no group at its handover, looked at again while it runs (one stat read):
+        its group is then known before it dies, when its zombie may already be reaped and unreadable."""
+        if self.tracks.get(svc.id) is tr and svc.pid == tr.main and svc.pidfd is not None:
+            self._reread_group(tr, tr.main, svc.pidfd)
 
     @staticmethod
     def _pin_leader(pgrp: int) -> int | None:
